@@ -1,0 +1,310 @@
+"""fp8 linear layers (`F8Linear` on `torch._scaled_mm`), the module swap, and prequantized checkpoints.
+
+Weights are float8_e4m3fn with a float32 scale per output channel or per tensor. Activations are quantized
+to e4m3 on the fly, with a scale per token (row) or per tensor, or with a static per-tensor scale
+calibrated at load on fixed synthetic inputs (never on user requests), so outputs depend only on the seed
+and the config.
+"""
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+MIN_SCALE = 1e-12  # keeps all-zero rows/tensors finite
+METADATA_FORMAT = "flux-fp8-api/f8"
+WEIGHT_SCALINGS = ("per_channel", "per_tensor")
+ACTIVATION_SCALINGS = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
+EMBEDDERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
+MODULATIONS = (".img_mod.", ".txt_mod.", ".modulation.")
+
+
+@dataclass(frozen=True)
+class F8Settings:
+    weight_scaling: str = "per_channel"
+    activation_scaling: str = "dynamic_per_token"
+    quantize_modulation: bool = True
+    quantize_flow_embedder_layers: bool = False
+
+    def __post_init__(self):
+        if self.weight_scaling not in WEIGHT_SCALINGS:
+            raise ValueError(f"f8_weight_scaling must be one of {WEIGHT_SCALINGS}, got {self.weight_scaling!r}")
+        if self.activation_scaling not in ACTIVATION_SCALINGS:
+            raise ValueError(
+                f"f8_activation_scaling must be one of {ACTIVATION_SCALINGS}, got {self.activation_scaling!r}"
+            )
+
+    @classmethod
+    def from_config(cls, config) -> "F8Settings":
+        return cls(
+            weight_scaling=config.f8_weight_scaling,
+            activation_scaling=config.f8_activation_scaling,
+            quantize_modulation=config.quantize_modulation,
+            quantize_flow_embedder_layers=config.quantize_flow_embedder_layers,
+        )
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """fp8 tensor cores: compute capability 8.9 (Ada) and newer; the CPU runs `_scaled_mm` too."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantize_weight(weight: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """(out, in) weight -> e4m3 weight and float32 scale, (1, out) per channel or () per tensor."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+    scale = (amax / E4M3_MAX).clamp(min=MIN_SCALE)
+    q = (w / (scale[:, None] if per_channel else scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale[None, :] if per_channel else scale
+
+
+def dequantize_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """float32 weight from an e4m3 weight and its scale (either layout)."""
+    return weight.float() * (scale.reshape(-1, 1) if scale.numel() > 1 else scale)
+
+
+class F8Linear(nn.Module):
+    """`nn.Linear` with an e4m3 weight and one `torch._scaled_mm` per call (bias fused, output in `out_dtype`)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        weight_scaling: str = "per_channel",
+        activation_scaling: str = "dynamic_per_token",
+        fast_accum: bool = False,
+        out_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if in_features % 16 or out_features % 16:
+            raise ValueError(f"fp8 matmuls need multiples of 16, got {in_features}x{out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_scaling = weight_scaling
+        self.activation_scaling = activation_scaling
+        self.fast_accum = fast_accum
+        self.out_dtype = out_dtype
+        self.use_fp8 = True  # False: dequantize-then-matmul on GPUs without fp8 (set by the loader)
+        self.calibrating = False
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=E4M3, device=device), False)
+        scale_shape = (1, out_features) if weight_scaling == "per_channel" else ()
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        if activation_scaling == "static_per_tensor":
+            self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=out_dtype, device=device), False) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, settings: F8Settings, fast_accum: bool, out_dtype: torch.dtype) -> "F8Linear":
+        """An empty F8Linear with `linear`'s shape, on `linear`'s device (meta while building)."""
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            weight_scaling=settings.weight_scaling,
+            activation_scaling=settings.activation_scaling,
+            fast_accum=fast_accum,
+            out_dtype=out_dtype,
+            device=linear.weight.device,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={self.weight_scaling}, activation={self.activation_scaling}, fast_accum={self.fast_accum}"
+        )
+
+    def _input_scale(self, x: Tensor) -> Tensor:
+        """float32 scale: (M, 1) per token or () per tensor."""
+        if self.activation_scaling == "static_per_tensor" and not self.calibrating:
+            return self.input_scale
+        if self.activation_scaling == "dynamic_per_token":
+            amax = x.abs().amax(dim=1, keepdim=True).float()
+        else:
+            amax = x.abs().amax().float()
+        if self.calibrating:
+            self.input_scale.copy_(torch.maximum(self.input_scale, amax / E4M3_MAX))
+        return (amax / E4M3_MAX).clamp(min=MIN_SCALE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (M, K): _scaled_mm is 2-D
+        if not self.use_fp8:
+            w = dequantize_weight(self.weight, self.weight_scale).to(self.out_dtype)
+            bias = None if self.bias is None else self.bias.to(self.out_dtype)
+            return nn.functional.linear(x.to(self.out_dtype), w, bias).reshape(*shape[:-1], self.out_features)
+        scale_a = self._input_scale(x)
+        xq = (x.float() / scale_a).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        scale_b = self.weight_scale
+        if scale_a.ndim != scale_b.ndim:  # mixed modes run the row-wise kernel: both scales as vectors
+            scale_a = scale_a.expand(x.shape[0], 1).contiguous()
+            scale_b = scale_b.expand(1, self.out_features).contiguous()
+        out = torch._scaled_mm(
+            xq,
+            self.weight.t(),  # (K, N) column-major, as the kernel wants
+            scale_a=scale_a,
+            scale_b=scale_b,
+            bias=self.bias,
+            out_dtype=self.out_dtype,
+            use_fast_accum=self.fast_accum,
+        )
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+def swap_linears(module: nn.Module, predicate: Callable[[str], bool], factory: Callable, prefix: str = "") -> None:
+    """Replace every `nn.Linear` whose dotted name satisfies `predicate` by `factory(linear)`, in place."""
+    for name, child in module.named_children():
+        full = prefix + name
+        if isinstance(child, nn.Linear) and predicate(full):
+            setattr(module, name, factory(child))
+        else:
+            swap_linears(child, predicate, factory, full + ".")
+
+
+def quantized_layer(name: str, settings: F8Settings) -> bool:
+    """SPEC 4.3: block linears always, modulation and embedders by flag, the final layer never."""
+    if name.startswith(("double_blocks.", "single_blocks.")):
+        return settings.quantize_modulation or not any(m in name for m in MODULATIONS)
+    return name.startswith(EMBEDDERS) and settings.quantize_flow_embedder_layers
+
+
+def metadata_for(settings: F8Settings, config) -> dict[str, str]:
+    return {
+        "format": METADATA_FORMAT,
+        "settings": json.dumps(asdict(settings), sort_keys=True),
+        "params": json.dumps(config.params.model_dump(), sort_keys=True),
+        "flow_dtype": config.flow_dtype,
+    }
+
+
+def check_metadata(metadata: dict[str, str], settings: F8Settings, config) -> None:
+    """A prequantized file must have been made with the settings (and architecture) the config asks for."""
+    path = config.ckpt_path
+    if metadata.get("format") != METADATA_FORMAT:
+        raise ValueError(f"prequantized_flow is true but {path} is not a prequantized flux-fp8-api checkpoint")
+    stored = json.loads(metadata["settings"])
+    wanted = asdict(settings)
+    names = {"weight_scaling": "f8_weight_scaling", "activation_scaling": "f8_activation_scaling"}
+    diffs = [f"{names.get(k, k)}: file has {stored.get(k)!r}, config has {v!r}" for k, v in wanted.items()
+             if stored.get(k) != v]
+    if json.loads(metadata["params"]) != config.params.model_dump():
+        diffs.append("params: the file was made for another architecture")
+    if diffs:
+        raise ValueError(f"prequantized checkpoint {path} does not match the config: " + "; ".join(diffs))
+
+
+def load_fp8_flow_model(model: nn.Module, config, device: torch.device) -> nn.Module:
+    """Swap `model`'s (meta) linears for F8Linear and fill it from `config.ckpt_path`, quantizing tensor by tensor.
+
+    A bf16 checkpoint is quantized as each weight arrives on `device`, so the peak is the fp8 model plus one
+    bf16 tensor; a prequantized one is read as is.
+    """
+    from util import assign_state_dict, read_metadata, read_safetensors
+
+    settings = F8Settings.from_config(config)
+    dtype = config.flow_torch_dtype
+    swap_linears(
+        model, lambda n: quantized_layer(n, settings), lambda lin: F8Linear.like(lin, settings, config.f8_fast_accum, dtype)
+    )
+    f8_modules = {name: m for name, m in model.named_modules() if isinstance(m, F8Linear)}
+    metadata = read_metadata(config.ckpt_path)
+    if config.prequantized_flow:
+        check_metadata(metadata, settings, config)
+
+        def convert(key: str, t: Tensor) -> dict[str, Tensor]:
+            keep = t.dtype == E4M3 or key.endswith(("weight_scale", "input_scale"))
+            return {key: t if keep else t.to(dtype)}
+    else:
+        if metadata.get("format") == METADATA_FORMAT:
+            raise ValueError(f"{config.ckpt_path} is a prequantized checkpoint: set prequantized_flow to true")
+        per_channel = settings.weight_scaling == "per_channel"
+
+        def convert(key: str, t: Tensor) -> dict[str, Tensor]:
+            module, _, leaf = key.rpartition(".")
+            if module in f8_modules and leaf == "weight":
+                q, scale = quantize_weight(t, per_channel)
+                return {key: q, f"{module}.weight_scale": scale}
+            return {key: t.to(dtype)}
+
+    sd = read_safetensors(config.ckpt_path, device, convert)
+    needs_calibration = settings.activation_scaling == "static_per_tensor" and not config.prequantized_flow
+    if needs_calibration:
+        sd.update({f"{n}.input_scale": torch.zeros((), device=device) for n in f8_modules})
+    assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
+    model.eval().requires_grad_(False)
+    if not fp8_supported(device):
+        logger.warning(f"{device} has no fp8 tensor cores (compute capability < 8.9): fp8 weights are dequantized "
+                       f"to {config.flow_dtype} for every matmul; expect bf16 speed and fp8 weight error")
+        for m in f8_modules.values():
+            m.use_fp8 = False
+    if needs_calibration:
+        calibrate(model, dtype)
+    logger.info(f"fp8 flow model: {len(f8_modules)} F8Linear layers ({settings.weight_scaling} weights, "
+                f"{settings.activation_scaling} activations) on {device}")
+    return model
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> None:
+    """Static input scales from fixed, seeded synthetic inputs: the same scales in every process."""
+    from modules import sampling
+
+    params = model.params
+    device = model.final_layer.linear.weight.device
+    layers = [m for m in model.modules() if isinstance(m, F8Linear)]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    height = width = 512
+    img = sampling.pack(torch.randn(1, params.in_channels // 4, height // 8, width // 8, generator=gen))
+    txt = torch.randn(1, 256, params.context_in_dim, generator=gen)
+    vec = torch.randn(1, params.vec_in_dim, generator=gen)
+    inputs = dict(img_ids=sampling.img_ids(1, height, width).to(device), txt_ids=sampling.txt_ids(1, 256).to(device),
+                  txt=txt.to(device, dtype), y=vec.to(device, dtype), guidance=torch.full((1,), 4.0, device=device))
+    for m in layers:
+        m.calibrating = True
+        m.input_scale.zero_()
+    try:
+        for t in (1.0, 0.75, 0.5, 0.25):
+            noisy = (t * img + (1 - t) * torch.randn(img.shape, generator=gen)).to(device, dtype)
+            model(img=noisy, timesteps=torch.full((1,), t, device=device), **inputs)
+    finally:
+        for m in layers:
+            m.calibrating = False
+            m.input_scale.clamp_(min=MIN_SCALE)
+
+
+def save_prequantized(model: nn.Module, config, path: str) -> None:
+    """Write the fp8 flow model as safetensors, with the settings in the metadata."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, path, metadata=metadata_for(F8Settings.from_config(config), config))
+    size = sum(t.numel() * t.element_size() for t in sd.values())
+    logger.info(f"wrote prequantized flow model to {path} ({size / 2**30:.2f} GiB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from util import load_config, load_flow_model
+
+    parser = argparse.ArgumentParser(description="Write a prequantized fp8 flow checkpoint from a config.")
+    parser.add_argument("--config-path", "-c", required=True)
+    parser.add_argument("--output", "-o", required=True, help="safetensors file to write")
+    parser.add_argument("--device", help="device to quantize on (default: the config's flux_device)")
+    args = parser.parse_args(argv)
+    overrides = {"flow_quantization_dtype": "qfloat8", "prequantized_flow": False}
+    if args.device:
+        overrides["flux_device"] = args.device
+    config = load_config(args.config_path, **overrides)
+    save_prequantized(load_flow_model(config), config, args.output)
+
+
+if __name__ == "__main__":
+    main()

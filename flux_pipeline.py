@@ -1,0 +1,176 @@
+"""FluxPipeline: owns the text encoders, the flow transformer and the autoencoder, and makes images."""
+
+import io
+import math
+import random
+import threading
+import time
+from typing import Any
+
+import torch
+from loguru import logger
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from modules import sampling
+from modules.conditioner import HFEmbedder
+from modules.sampling import StepCallback
+from util import ModelSpec, load_autoencoder, load_config, load_flow_model, load_text_encoders, spec_from_dict
+
+MAX_SEED = 2**53 - 1  # exact in JSON numbers
+
+
+class FluxPipeline:
+    def __init__(self, config: ModelSpec, model: torch.nn.Module, ae: torch.nn.Module, clip: HFEmbedder,
+                 t5: HFEmbedder):
+        self.config = config
+        self.model = model
+        self.ae = ae
+        self.clip = clip
+        self.t5 = t5
+        self.flux_device = torch.device(config.flux_device)
+        self.ae_device = torch.device(config.ae_device)
+        self.text_enc_device = torch.device(config.text_enc_device)
+        # one generation (or model change) at a time: they share the modules and the device memory
+        self.lock = threading.RLock()
+
+    @classmethod
+    def load_pipeline_from_config_path(cls, path: str, **overrides: Any) -> "FluxPipeline":
+        return cls.load_pipeline_from_config(load_config(path, **overrides))
+
+    @classmethod
+    def load_pipeline_from_config(cls, config: ModelSpec | dict) -> "FluxPipeline":
+        if isinstance(config, dict):
+            config = spec_from_dict(config)
+        start = time.perf_counter()
+        clip, t5 = load_text_encoders(config)
+        model = load_flow_model(config)
+        ae = load_autoencoder(config)
+        logger.info(f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s "
+                    f"(flow {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on {config.flux_device})")
+        return cls(config, model, ae, clip, t5)
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _size(width: int, height: int) -> tuple[int, int]:
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < 16:
+                raise ValueError(f"{name} must be at least 16, got {value}")
+        floored = 16 * (width // 16), 16 * (height // 16)
+        if floored != (width, height):
+            logger.warning(f"size {width}x{height} is not a multiple of 16: using {floored[0]}x{floored[1]}")
+        return floored
+
+    def encode_prompt(self, prompt: str, num_images: int) -> tuple[Tensor, Tensor]:
+        """T5 tokens (B, L, context) and the CLIP vector (B, vec), on the flow device in the flow dtype."""
+        for encoder in (self.t5, self.clip):
+            ids, dropped = encoder.tokenize([prompt])
+            if dropped[0]:
+                name = "CLIP" if encoder.is_clip else "T5"
+                logger.warning(f"prompt truncated for {name}: {dropped[0]} tokens past {encoder.max_length} dropped")
+            if encoder.is_clip:
+                vec = encoder(ids)
+            else:
+                txt = encoder(ids)
+        dtype = self.config.flow_torch_dtype
+        txt = txt.to(self.flux_device, dtype).expand(num_images, -1, -1)
+        vec = vec.to(self.flux_device, dtype).expand(num_images, -1)
+        return txt, vec
+
+    # ---- generation ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_images(
+        self,
+        prompt: str,
+        width: int = 720,
+        height: int = 1024,
+        num_steps: int = 24,
+        guidance: float = 3.5,
+        seed: int | None = None,
+        num_images: int = 1,
+        callback: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> tuple[list[Image.Image], int]:
+        """The lower-level call: PIL images and the seed. `callback(step, total)` runs after every step;
+        setting `cancel` stops between steps with `sampling.Cancelled`."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        width, height = self._size(width, height)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be finite, got {guidance!r}")
+        if seed is None:
+            seed = random.SystemRandom().randint(0, MAX_SEED)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+
+        with self.lock:
+            start = time.perf_counter()
+            txt, vec = self.encode_prompt(prompt, num_images)
+            t_text = time.perf_counter()
+            noise = sampling.get_noise(num_images, height, width, seed)
+            img = sampling.pack(noise).to(self.flux_device)
+            img_ids = sampling.img_ids(num_images, height, width).to(self.flux_device)
+            txt_ids = sampling.txt_ids(num_images, txt.shape[1]).to(self.flux_device)
+            timesteps = sampling.get_schedule(num_steps, img.shape[1], shift=self.config.version == "flux-dev")
+            img = sampling.denoise(self.model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel)
+            t_denoise = time.perf_counter()
+            images = self.decode(img, height, width)
+            logger.info(f"generated {num_images}x {width}x{height}, {num_steps} steps, seed {seed}: text "
+                        f"{t_text - start:.2f} s, denoise {t_denoise - t_text:.2f} s, "
+                        f"decode {time.perf_counter() - t_denoise:.2f} s")
+        return images, seed
+
+    def decode(self, img: Tensor, height: int, width: int) -> list[Image.Image]:
+        latents = sampling.unpack(img.float(), height, width).to(self.ae_device, self.ae.dtype)
+        x = self.ae.decode(latents).float().clamp(-1, 1)
+        pixels = (127.5 * (x + 1.0)).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        return [Image.fromarray(p) for p in pixels]
+
+    def generate(
+        self,
+        prompt: str,
+        width: int = 720,
+        height: int = 1024,
+        num_steps: int = 24,
+        guidance: float = 3.5,
+        seed: int | None = None,
+        init_image: Any = None,
+        strength: float = 1.0,
+        silent: bool = False,
+        num_images: int = 1,
+        return_seed: bool = False,
+        jpeg_quality: int = 99,
+    ) -> io.BytesIO | list[io.BytesIO] | tuple[io.BytesIO | list[io.BytesIO], int]:
+        """JPEG bytes of one image (a list when `num_images > 1`), and the seed with `return_seed`."""
+        if init_image is not None:
+            raise ValueError("init_image (img2img) is not supported yet")
+        if not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+        bar = None if silent else tqdm(total=num_steps, desc="denoising", unit="step")
+        try:
+            images, seed = self.generate_images(
+                prompt, width, height, num_steps, guidance, seed, num_images,
+                callback=None if bar is None else lambda step, total: bar.update(1),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        jpegs = [to_jpeg(image, jpeg_quality) for image in images]
+        result = jpegs[0] if num_images == 1 else jpegs
+        return (result, seed) if return_seed else result
+
+
+def to_jpeg(image: Image.Image, quality: int = 99) -> io.BytesIO:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return buffer

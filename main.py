@@ -1,0 +1,115 @@
+"""Command line: build a FluxPipeline from a config file and/or flags, then serve it (or make one image)."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from loguru import logger
+
+DEFAULT_CONFIGS = {
+    "flux-dev": Path(__file__).parent / "configs" / "config-dev-1-H100.json",
+    "flux-schnell": Path(__file__).parent / "configs" / "config-schnell-1-H100.json",
+}
+QUANT_CHOICES = {"qfloat8": "qfloat8", "qint2": "qint2", "qint4": "qint4", "qint8": "qint8", "bf16": "bfloat16",
+                 "bfloat16": "bfloat16"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    S = argparse.SUPPRESS  # flags not given stay absent, so a config file's values stand
+    p = argparse.ArgumentParser(description="flux-fp8-api: FLUX.1 image generation server")
+    p.add_argument("--config-path", "-c", help="JSON config (flags given with it override its keys)")
+    p.add_argument("--port", "-p", type=int, default=8088)
+    p.add_argument("--host", "-H", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
+    p.add_argument("--flow-model-path", "-f", dest="ckpt_path", default=S)
+    p.add_argument("--text-enc-path", "-t", dest="text_enc_path", default=S)
+    p.add_argument("--autoencoder-path", "-a", dest="ae_path", default=S)
+    p.add_argument("--model-version", "-m", dest="version", choices=["flux-dev", "flux-schnell"], default=S)
+    p.add_argument("--flux-device", "-F", dest="flux_device", default=S)
+    p.add_argument("--text-enc-device", "-T", dest="text_enc_device", default=S)
+    p.add_argument("--autoencoder-device", "-A", dest="ae_device", default=S)
+    p.add_argument("--num-to-quant", "-q", type=int, default=S, help="ignored (kept for old scripts)")
+    p.add_argument("--compile", "-C", action="store_true", default=S, help="compile blocks and extras at load")
+    p.add_argument("--quant-text-enc", "-qT", choices=sorted(QUANT_CHOICES), default=S,
+                   help="T5 quantization (bf16: none)")
+    p.add_argument("--quant-ae", "-qA", action="store_true", default=S, help="fp8 autoencoder weights")
+    p.add_argument("--offload-flow", "-OF", action="store_true", default=S)
+    p.add_argument("--no-offload-ae", "-OA", action="store_true", default=S)
+    p.add_argument("--no-offload-text-enc", "-OT", action="store_true", default=S)
+    p.add_argument("--prequantized-flow", "-PF", action="store_true", default=S)
+    p.add_argument("--no-quantize-flow-modulation", "-nqfm", action="store_true", default=S)
+    p.add_argument("--quantize-flow-embedder-layers", "-qfl", action="store_true", default=S)
+    p.add_argument("--lora-dir", help="directory that POST /lora may load LoRA files from")
+    p.add_argument("--max-queue-size", type=int, default=8, help="generation requests waiting at most")
+    p.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="require 'Authorization: Bearer KEY'")
+    one = p.add_argument_group("one image instead of a server")
+    one.add_argument("--prompt", help="generate this prompt, write --output, and exit")
+    one.add_argument("--output", "-o", default="output.jpg")
+    one.add_argument("--width", type=int, default=720)
+    one.add_argument("--height", type=int, default=1024)
+    one.add_argument("--num-steps", type=int, default=None)
+    one.add_argument("--guidance", type=float, default=3.5)
+    one.add_argument("--seed", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """Config keys from the flags that were given."""
+    given = vars(args)
+    out = {k: given[k] for k in ("ckpt_path", "text_enc_path", "ae_path", "version", "flux_device",
+                                  "text_enc_device", "ae_device") if k in given}
+    if "num_to_quant" in given:
+        logger.warning("--num-to-quant is ignored: which layers are fp8 is fixed (see README)")
+    if "compile" in given:
+        out["compile_blocks"] = out["compile_extras"] = True
+    if "quant_text_enc" in given:
+        out["text_enc_quantization_dtype"] = QUANT_CHOICES[given["quant_text_enc"]]
+    if "quant_ae" in given:
+        out["ae_quantization_dtype"] = "qfloat8"
+    flags = {"offload_flow": ("offload_flow", True), "no_offload_ae": ("offload_vae", False),
+             "no_offload_text_enc": ("offload_text_encoder", False), "prequantized_flow": ("prequantized_flow", True),
+             "no_quantize_flow_modulation": ("quantize_modulation", False),
+             "quantize_flow_embedder_layers": ("quantize_flow_embedder_layers", True)}
+    out.update(value for flag, value in flags.items() if flag in given)
+    return out
+
+
+def build_pipeline(args: argparse.Namespace):
+    from flux_pipeline import FluxPipeline
+
+    overrides = config_overrides(args)
+    if args.config_path:
+        return FluxPipeline.load_pipeline_from_config_path(args.config_path, **overrides)
+    missing = [flag for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
+               if key not in overrides]
+    if missing:
+        raise SystemExit(f"without --config-path, give {' and '.join(missing)}")
+    base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
+    return FluxPipeline.load_pipeline_from_config_path(str(base), **overrides)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        pipeline = build_pipeline(args)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.prompt is not None:
+        steps = args.num_steps or (4 if pipeline.config.version == "flux-schnell" else 24)
+        jpeg, seed = pipeline.generate(args.prompt, args.width, args.height, steps, args.guidance, args.seed,
+                                       return_seed=True)
+        Path(args.output).write_bytes(jpeg.getvalue())
+        logger.info(f"wrote {args.output} (seed {seed})")
+        return
+
+    import uvicorn
+
+    from api import ServerSettings, create_app
+
+    app = create_app(pipeline, ServerSettings(args.max_queue_size, args.api_key, args.lora_dir))
+    logger.info(f"serving on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

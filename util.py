@@ -1,0 +1,307 @@
+"""Configuration (`ModelSpec`) and the component loaders."""
+
+import json
+import os
+import warnings
+from enum import Enum
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from loguru import logger
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import safe_open
+from torch import nn
+
+from modules.autoencoder import AutoEncoder, AutoEncoderParams
+from modules.conditioner import HFEmbedder
+from modules.flux_model import Flux, FluxParams
+
+# Keys of the original's configs: renamed (warned, then used) or informational (warned, then ignored).
+RENAMED_KEYS = {
+    "offload_ae": "offload_vae",
+    "offload_text_enc": "offload_text_encoder",
+    "ae_offload": "offload_vae",
+    "text_enc_offload": "offload_text_encoder",
+    "flux_offload": "offload_flow",
+}
+IGNORED_KEYS = ("num_to_quant", "quantize_extras", "repo_id", "repo_flow", "repo_ae")
+
+
+class ModelVersion(str, Enum):
+    flux_dev = "flux-dev"
+    flux_schnell = "flux-schnell"
+
+
+DType = Literal["bfloat16", "float16", "float32"]
+TextQuant = Literal["qfloat8", "qint2", "qint4", "qint8", "bfloat16", "float16"]
+Convert = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class FluxParamsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    in_channels: int = Field(gt=0)
+    vec_in_dim: int = Field(gt=0)
+    context_in_dim: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    mlp_ratio: float = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    depth: int = Field(ge=0)
+    depth_single_blocks: int = Field(ge=0)
+    axes_dim: list[int]
+    theta: int = Field(gt=0)
+    qkv_bias: bool
+    guidance_embed: bool
+
+
+class AutoEncoderParamsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    resolution: int = Field(gt=0)
+    in_channels: int = Field(gt=0)
+    ch: int = Field(gt=0)
+    out_ch: int = Field(gt=0)
+    ch_mult: list[int]
+    num_res_blocks: int = Field(gt=0)
+    z_channels: int = Field(gt=0)
+    scale_factor: float
+    shift_factor: float
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to build a FluxPipeline; the keys of the JSON config files."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=True, validate_assignment=True)
+
+    version: ModelVersion
+    params: FluxParamsSpec
+    ae_params: AutoEncoderParamsSpec
+    ckpt_path: str
+    ae_path: str
+    text_enc_path: str
+    clip_path: str = "openai/clip-vit-large-patch14"
+    text_enc_max_length: int | None = Field(default=None, gt=0, le=4096)
+    flux_device: str = "cuda:0"
+    text_enc_device: str = "cuda:0"
+    ae_device: str = "cuda:0"
+    flow_dtype: DType = "bfloat16"
+    ae_dtype: DType = "bfloat16"
+    text_enc_dtype: DType = "bfloat16"
+    text_enc_quantization_dtype: TextQuant | None = "qfloat8"
+    clip_quantization_dtype: TextQuant | None = None
+    ae_quantization_dtype: Literal["qfloat8", "bfloat16", "float16"] | None = None
+    flow_quantization_dtype: Literal["qfloat8", "bfloat16", "float16"] | None = "qfloat8"
+    compile_blocks: bool = False
+    compile_extras: bool = False
+    offload_text_encoder: bool = False
+    offload_vae: bool = False
+    offload_flow: bool = False
+    prequantized_flow: bool = False
+    quantize_modulation: bool = True
+    quantize_flow_embedder_layers: bool = False
+    # fp8 modes (float8_quantize.py); the defaults are chosen by measurement, see bench/RESULTS.md
+    f8_weight_scaling: Literal["per_channel", "per_tensor"] = "per_channel"
+    f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = (
+        "dynamic_per_token"
+    )
+    f8_fast_accum: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_KEYS.items():
+            if old in data:
+                value = data.pop(old)
+                if new in data and data[new] != value:
+                    raise ValueError(f"config key '{old}' (deprecated alias of '{new}') conflicts with '{new}'")
+                warnings.warn(f"config key '{old}' is deprecated; use '{new}'", DeprecationWarning, stacklevel=2)
+                logger.warning(f"config key '{old}' is deprecated; use '{new}'")
+                data.setdefault(new, value)
+        for key in IGNORED_KEYS:
+            if key in data:
+                logger.warning(f"config key '{key}' is ignored (kept for compatibility with older configs)")
+                data.pop(key)
+        return data
+
+    @field_validator("flux_device", "text_enc_device", "ae_device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            torch.device(value)
+        except RuntimeError as e:
+            raise ValueError(f"not a torch device: {value!r}") from e
+        return value
+
+    @field_validator("ckpt_path", "ae_path")
+    @classmethod
+    def _file_exists(cls, value: str, info) -> str:
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"{info.field_name}: file not found: {value}")
+        return str(Path(value).expanduser())
+
+    @field_validator("text_enc_path", "clip_path")
+    @classmethod
+    def _dir_or_repo(cls, value: str, info) -> str:
+        path = Path(value).expanduser()
+        looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep in value.replace("/", "")
+        if looks_local and not path.is_dir():
+            raise ValueError(f"{info.field_name}: directory not found: {value}")
+        return str(path) if path.is_dir() else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelSpec":
+        head_dim = self.params.hidden_size // self.params.num_heads
+        if self.params.hidden_size % self.params.num_heads or sum(self.params.axes_dim) != head_dim:
+            raise ValueError(f"params.axes_dim {self.params.axes_dim} must sum to hidden_size / num_heads")
+        if self.text_enc_max_length is None:
+            self.text_enc_max_length = 256 if self.version == "flux-schnell" else 512
+        return self
+
+    @property
+    def flow_torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.flow_dtype]
+
+    @property
+    def flow_fp8(self) -> bool:
+        return self.flow_quantization_dtype == "qfloat8"
+
+
+def _resolve_relative(data: dict, base_dir: Path) -> dict:
+    """Relative paths in a config file are tried against the working directory, then the file's folder."""
+    data = dict(data)
+    for key in ("ckpt_path", "ae_path", "text_enc_path", "clip_path"):
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if not Path(value).exists() and (base_dir / value).exists():
+                data[key] = str(base_dir / value)
+    return data
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> ModelSpec:
+    """Read a JSON config; `overrides` are config keys, validated like the file's."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a JSON object")
+    data.update(overrides)
+    return spec_from_dict(_resolve_relative(data, path.parent))
+
+
+def spec_from_dict(data: dict) -> ModelSpec:
+    """`ModelSpec(**data)` with errors that name every offending key in one line each."""
+    try:
+        return ModelSpec(**data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "config"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{key}: {msg}")
+        raise ValueError("invalid config: " + "; ".join(lines)) from None
+
+
+def _check_device(device: str, key: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key} is {device!r} but CUDA is not available (use 'cpu')")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"{key} is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return f.metadata() or {}
+
+
+CKPT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def read_safetensors(path: str, device: torch.device, convert: Convert | None = None) -> dict[str, torch.Tensor]:
+    """Stream a safetensors file tensor by tensor onto `device`.
+
+    `convert(key, tensor) -> {key: tensor}` runs on each tensor as it arrives (cast, quantize), so the file's
+    own dtype is never held for the whole model. A prefix that every key shares (ComfyUI's
+    `model.diffusion_model.`) is dropped.
+    """
+    tensors = {}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        keys = list(f.keys())
+        prefix = next((p for p in CKPT_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
+        for key in keys:
+            tensor = f.get_tensor(key)
+            name = key[len(prefix) :]
+            tensors.update(convert(name, tensor) if convert else {name: tensor})
+    return tensors
+
+
+def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """`load_state_dict(assign=True)` that fails on missing keys and reports unexpected ones."""
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - sd.keys())
+    unexpected = sorted(sd.keys() - expected)
+    if missing:
+        raise ValueError(f"{what}: checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}")
+    if unexpected:
+        logger.warning(f"{what}: ignoring {len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
+    model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
+
+
+def load_flow_model(config: ModelSpec) -> nn.Module:
+    """The flow transformer on `flux_device` in `flow_dtype`, fp8 linears if `flow_quantization_dtype` is qfloat8."""
+    import float8_quantize
+
+    device = _check_device(config.flux_device, "flux_device")
+    with torch.device("meta"):
+        model = Flux(FluxParams(**config.params.model_dump()))
+    if config.flow_fp8:
+        return float8_quantize.load_fp8_flow_model(model, config, device)
+    if config.prequantized_flow:
+        raise ValueError("prequantized_flow is true but flow_quantization_dtype is not 'qfloat8'")
+    dtype = config.flow_torch_dtype
+    sd = read_safetensors(config.ckpt_path, device, lambda k, t: {k: t.to(dtype)})
+    assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
+    return model.eval().requires_grad_(False)
+
+
+def load_autoencoder(config: ModelSpec) -> AutoEncoder:
+    device = _check_device(config.ae_device, "ae_device")
+    if config.ae_quantization_dtype == "qfloat8":
+        raise ValueError("ae_quantization_dtype 'qfloat8' is not supported yet; use null")
+    with torch.device("meta"):
+        ae = AutoEncoder(AutoEncoderParams(**config.ae_params.model_dump()))
+    dtype = TORCH_DTYPES[config.ae_dtype]
+    sd = read_safetensors(config.ae_path, device, lambda k, t: {k: t.to(dtype)})
+    assign_state_dict(ae, sd, f"autoencoder {config.ae_path}")
+    return ae.eval().requires_grad_(False)
+
+
+def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype, device: torch.device, quant):
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    if quant not in (None, "bfloat16", "float16"):
+        raise ValueError(f"text encoder quantization {quant!r} is not supported yet; use null")
+    model_cls = CLIPTextModel if is_clip else T5EncoderModel
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    return HFEmbedder(tokenizer, model, max_length=max_length, is_clip=is_clip)
+
+
+def load_text_encoders(config: ModelSpec) -> tuple[HFEmbedder, HFEmbedder]:
+    """(clip, t5), on `text_enc_device` in `text_enc_dtype`."""
+    device = _check_device(config.text_enc_device, "text_enc_device")
+    dtype = TORCH_DTYPES[config.text_enc_dtype]
+    clip = _load_encoder(config.clip_path, True, 77, dtype, device, config.clip_quantization_dtype)
+    t5 = _load_encoder(config.text_enc_path, False, config.text_enc_max_length, dtype, device,
+                       config.text_enc_quantization_dtype)
+    return clip, t5
