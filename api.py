@@ -9,8 +9,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import asynccontextmanager
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -180,8 +180,14 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         if not app.state.ready:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return JSONResponse({"status": "ok", "queued": worker.jobs.qsize(), "running": worker.running,
-                             "generations": app.state.generations})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "queued": worker.jobs.qsize(),
+                "running": worker.running,
+                "generations": app.state.generations,
+            }
+        )
 
     @app.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
@@ -193,8 +199,16 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
 
         def run(cancel: threading.Event):
             app.state.generations += 1
-            return pipeline.generate_images(body.prompt, body.width, body.height, body.num_steps, body.guidance,
-                                            body.seed, body.num_images, cancel=cancel)
+            return pipeline.generate_images(
+                body.prompt,
+                body.width,
+                body.height,
+                body.num_steps,
+                body.guidance,
+                body.seed,
+                body.num_images,
+                cancel=cancel,
+            )
 
         start = time.perf_counter()
         try:
@@ -213,8 +227,10 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
             return error(500, "generation failed", "internal_error")
         elapsed = time.perf_counter() - start
         headers = {"X-Seed": str(seed), "X-Inference-Time": f"{elapsed:.3f}", "X-Request-Id": request_id}
-        logger.info(f"request {request_id}: {body.num_images}x {body.width}x{body.height}, {body.num_steps} steps, "
-                    f"seed {seed}, {elapsed:.2f} s")
+        logger.info(
+            f"request {request_id}: {body.num_images}x {body.width}x{body.height}, {body.num_steps} steps, "
+            f"seed {seed}, {elapsed:.2f} s"
+        )
         encoded = [encode_image(im, body.output_format, body.jpeg_quality) for im in images]
         if body.num_images == 1:
             return Response(encoded[0], media_type=f"image/{body.output_format}", headers=headers)

@@ -146,8 +146,8 @@ class F8Linear(nn.Module):
         xq = (x.float() / scale_a).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
         scale_b = self.weight_scale
         if scale_a.ndim != scale_b.ndim:  # mixed modes run the row-wise kernel: both scales as vectors
-            scale_a = scale_a.expand(x.shape[0], 1).contiguous()
-            scale_b = scale_b.expand(1, self.out_features).contiguous()
+            scale_a = scale_a.reshape(-1, 1).repeat(x.shape[0] // scale_a.numel(), 1)
+            scale_b = scale_b.reshape(1, -1).repeat(1, self.out_features // scale_b.numel())
         out = torch._scaled_mm(
             xq,
             self.weight.t(),  # (K, N) column-major, as the kernel wants
@@ -194,8 +194,11 @@ def check_metadata(metadata: dict[str, str], settings: F8Settings, config) -> No
     stored = json.loads(metadata["settings"])
     wanted = asdict(settings)
     names = {"weight_scaling": "f8_weight_scaling", "activation_scaling": "f8_activation_scaling"}
-    diffs = [f"{names.get(k, k)}: file has {stored.get(k)!r}, config has {v!r}" for k, v in wanted.items()
-             if stored.get(k) != v]
+    diffs = [
+        f"{names.get(k, k)}: file has {stored.get(k)!r}, config has {v!r}"
+        for k, v in wanted.items()
+        if stored.get(k) != v
+    ]
     if json.loads(metadata["params"]) != config.params.model_dump():
         diffs.append("params: the file was made for another architecture")
     if diffs:
@@ -213,7 +216,9 @@ def load_fp8_flow_model(model: nn.Module, config, device: torch.device) -> nn.Mo
     settings = F8Settings.from_config(config)
     dtype = config.flow_torch_dtype
     swap_linears(
-        model, lambda n: quantized_layer(n, settings), lambda lin: F8Linear.like(lin, settings, config.f8_fast_accum, dtype)
+        model,
+        lambda n: quantized_layer(n, settings),
+        lambda lin: F8Linear.like(lin, settings, config.f8_fast_accum, dtype),
     )
     f8_modules = {name: m for name, m in model.named_modules() if isinstance(m, F8Linear)}
     metadata = read_metadata(config.ckpt_path)
@@ -242,14 +247,18 @@ def load_fp8_flow_model(model: nn.Module, config, device: torch.device) -> nn.Mo
     assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
     model.eval().requires_grad_(False)
     if not fp8_supported(device):
-        logger.warning(f"{device} has no fp8 tensor cores (compute capability < 8.9): fp8 weights are dequantized "
-                       f"to {config.flow_dtype} for every matmul; expect bf16 speed and fp8 weight error")
+        logger.warning(
+            f"{device} has no fp8 tensor cores (compute capability < 8.9): fp8 weights are dequantized "
+            f"to {config.flow_dtype} for every matmul; expect bf16 speed and fp8 weight error"
+        )
         for m in f8_modules.values():
             m.use_fp8 = False
     if needs_calibration:
         calibrate(model, dtype)
-    logger.info(f"fp8 flow model: {len(f8_modules)} F8Linear layers ({settings.weight_scaling} weights, "
-                f"{settings.activation_scaling} activations) on {device}")
+    logger.info(
+        f"fp8 flow model: {len(f8_modules)} F8Linear layers ({settings.weight_scaling} weights, "
+        f"{settings.activation_scaling} activations) on {device}"
+    )
     return model
 
 
@@ -266,8 +275,13 @@ def calibrate(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> None:
     img = sampling.pack(torch.randn(1, params.in_channels // 4, height // 8, width // 8, generator=gen))
     txt = torch.randn(1, 256, params.context_in_dim, generator=gen)
     vec = torch.randn(1, params.vec_in_dim, generator=gen)
-    inputs = dict(img_ids=sampling.img_ids(1, height, width).to(device), txt_ids=sampling.txt_ids(1, 256).to(device),
-                  txt=txt.to(device, dtype), y=vec.to(device, dtype), guidance=torch.full((1,), 4.0, device=device))
+    inputs = dict(
+        img_ids=sampling.img_ids(1, height, width).to(device),
+        txt_ids=sampling.txt_ids(1, 256).to(device),
+        txt=txt.to(device, dtype),
+        y=vec.to(device, dtype),
+        guidance=torch.full((1,), 4.0, device=device),
+    )
     for m in layers:
         m.calibrating = True
         m.input_scale.zero_()

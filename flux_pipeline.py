@@ -22,8 +22,9 @@ MAX_SEED = 2**53 - 1  # exact in JSON numbers
 
 
 class FluxPipeline:
-    def __init__(self, config: ModelSpec, model: torch.nn.Module, ae: torch.nn.Module, clip: HFEmbedder,
-                 t5: HFEmbedder):
+    def __init__(
+        self, config: ModelSpec, model: torch.nn.Module, ae: torch.nn.Module, clip: HFEmbedder, t5: HFEmbedder
+    ):
         self.config = config
         self.model = model
         self.ae = ae
@@ -47,8 +48,10 @@ class FluxPipeline:
         clip, t5 = load_text_encoders(config)
         model = load_flow_model(config)
         ae = load_autoencoder(config)
-        logger.info(f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s "
-                    f"(flow {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on {config.flux_device})")
+        logger.info(
+            f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s "
+            f"(flow {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on {config.flux_device})"
+        )
         return cls(config, model, ae, clip, t5)
 
     # ---- inputs -------------------------------------------------------------------------------------------
@@ -124,9 +127,11 @@ class FluxPipeline:
             img = sampling.denoise(self.model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel)
             t_denoise = time.perf_counter()
             images = self.decode(img, height, width)
-            logger.info(f"generated {num_images}x {width}x{height}, {num_steps} steps, seed {seed}: text "
-                        f"{t_text - start:.2f} s, denoise {t_denoise - t_text:.2f} s, "
-                        f"decode {time.perf_counter() - t_denoise:.2f} s")
+            logger.info(
+                f"generated {num_images}x {width}x{height}, {num_steps} steps, seed {seed}: text "
+                f"{t_text - start:.2f} s, denoise {t_denoise - t_text:.2f} s, "
+                f"decode {time.perf_counter() - t_denoise:.2f} s"
+            )
         return images, seed
 
     def decode(self, img: Tensor, height: int, width: int) -> list[Image.Image]:
@@ -158,7 +163,13 @@ class FluxPipeline:
         bar = None if silent else tqdm(total=num_steps, desc="denoising", unit="step")
         try:
             images, seed = self.generate_images(
-                prompt, width, height, num_steps, guidance, seed, num_images,
+                prompt,
+                width,
+                height,
+                num_steps,
+                guidance,
+                seed,
+                num_images,
                 callback=None if bar is None else lambda step, total: bar.update(1),
             )
         finally:

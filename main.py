@@ -11,8 +11,14 @@ DEFAULT_CONFIGS = {
     "flux-dev": Path(__file__).parent / "configs" / "config-dev-1-H100.json",
     "flux-schnell": Path(__file__).parent / "configs" / "config-schnell-1-H100.json",
 }
-QUANT_CHOICES = {"qfloat8": "qfloat8", "qint2": "qint2", "qint4": "qint4", "qint8": "qint8", "bf16": "bfloat16",
-                 "bfloat16": "bfloat16"}
+QUANT_CHOICES = {
+    "qfloat8": "qfloat8",
+    "qint2": "qint2",
+    "qint4": "qint4",
+    "qint8": "qint8",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,8 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--autoencoder-device", "-A", dest="ae_device", default=S)
     p.add_argument("--num-to-quant", "-q", type=int, default=S, help="ignored (kept for old scripts)")
     p.add_argument("--compile", "-C", action="store_true", default=S, help="compile blocks and extras at load")
-    p.add_argument("--quant-text-enc", "-qT", choices=sorted(QUANT_CHOICES), default=S,
-                   help="T5 quantization (bf16: none)")
+    p.add_argument(
+        "--quant-text-enc", "-qT", choices=sorted(QUANT_CHOICES), default=S, help="T5 quantization (bf16: none)"
+    )
     p.add_argument("--quant-ae", "-qA", action="store_true", default=S, help="fp8 autoencoder weights")
     p.add_argument("--offload-flow", "-OF", action="store_true", default=S)
     p.add_argument("--no-offload-ae", "-OA", action="store_true", default=S)
@@ -56,8 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config_overrides(args: argparse.Namespace) -> dict:
     """Config keys from the flags that were given."""
     given = vars(args)
-    out = {k: given[k] for k in ("ckpt_path", "text_enc_path", "ae_path", "version", "flux_device",
-                                  "text_enc_device", "ae_device") if k in given}
+    out = {
+        k: given[k]
+        for k in ("ckpt_path", "text_enc_path", "ae_path", "version", "flux_device", "text_enc_device", "ae_device")
+        if k in given
+    }
     if "num_to_quant" in given:
         logger.warning("--num-to-quant is ignored: which layers are fp8 is fixed (see README)")
     if "compile" in given:
@@ -66,10 +76,14 @@ def config_overrides(args: argparse.Namespace) -> dict:
         out["text_enc_quantization_dtype"] = QUANT_CHOICES[given["quant_text_enc"]]
     if "quant_ae" in given:
         out["ae_quantization_dtype"] = "qfloat8"
-    flags = {"offload_flow": ("offload_flow", True), "no_offload_ae": ("offload_vae", False),
-             "no_offload_text_enc": ("offload_text_encoder", False), "prequantized_flow": ("prequantized_flow", True),
-             "no_quantize_flow_modulation": ("quantize_modulation", False),
-             "quantize_flow_embedder_layers": ("quantize_flow_embedder_layers", True)}
+    flags = {
+        "offload_flow": ("offload_flow", True),
+        "no_offload_ae": ("offload_vae", False),
+        "no_offload_text_enc": ("offload_text_encoder", False),
+        "prequantized_flow": ("prequantized_flow", True),
+        "no_quantize_flow_modulation": ("quantize_modulation", False),
+        "quantize_flow_embedder_layers": ("quantize_flow_embedder_layers", True),
+    }
     out.update(value for flag, value in flags.items() if flag in given)
     return out
 
@@ -80,8 +94,11 @@ def build_pipeline(args: argparse.Namespace):
     overrides = config_overrides(args)
     if args.config_path:
         return FluxPipeline.load_pipeline_from_config_path(args.config_path, **overrides)
-    missing = [flag for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
-               if key not in overrides]
+    missing = [
+        flag
+        for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
+        if key not in overrides
+    ]
     if missing:
         raise SystemExit(f"without --config-path, give {' and '.join(missing)}")
     base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
@@ -96,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     if args.prompt is not None:
         steps = args.num_steps or (4 if pipeline.config.version == "flux-schnell" else 24)
-        jpeg, seed = pipeline.generate(args.prompt, args.width, args.height, steps, args.guidance, args.seed,
-                                       return_seed=True)
+        jpeg, seed = pipeline.generate(
+            args.prompt, args.width, args.height, steps, args.guidance, args.seed, return_seed=True
+        )
         Path(args.output).write_bytes(jpeg.getvalue())
         logger.info(f"wrote {args.output} (seed {seed})")
         return

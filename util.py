@@ -3,9 +3,9 @@
 import json
 import os
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -102,9 +102,7 @@ class ModelSpec(BaseModel):
     quantize_flow_embedder_layers: bool = False
     # fp8 modes (float8_quantize.py); the defaults are chosen by measurement, see bench/RESULTS.md
     f8_weight_scaling: Literal["per_channel", "per_tensor"] = "per_channel"
-    f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = (
-        "dynamic_per_token"
-    )
+    f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = "dynamic_per_token"
     f8_fast_accum: bool = True
 
     @model_validator(mode="before")
@@ -302,6 +300,7 @@ def load_text_encoders(config: ModelSpec) -> tuple[HFEmbedder, HFEmbedder]:
     device = _check_device(config.text_enc_device, "text_enc_device")
     dtype = TORCH_DTYPES[config.text_enc_dtype]
     clip = _load_encoder(config.clip_path, True, 77, dtype, device, config.clip_quantization_dtype)
-    t5 = _load_encoder(config.text_enc_path, False, config.text_enc_max_length, dtype, device,
-                       config.text_enc_quantization_dtype)
+    t5 = _load_encoder(
+        config.text_enc_path, False, config.text_enc_max_length, dtype, device, config.text_enc_quantization_dtype
+    )
     return clip, t5

@@ -23,12 +23,29 @@ from modules.flux_model import Flux, FluxParams  # noqa: E402
 OUT = Path(__file__).resolve().parent / "tiny"
 TEXT_DIM = 32  # T5 d_model and CLIP hidden size of the tiny encoders
 FLOW_PARAMS = dict(
-    in_channels=64, vec_in_dim=TEXT_DIM, context_in_dim=TEXT_DIM, hidden_size=64, mlp_ratio=4.0, num_heads=2,
-    depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10_000, qkv_bias=True, guidance_embed=True,
+    in_channels=64,
+    vec_in_dim=TEXT_DIM,
+    context_in_dim=TEXT_DIM,
+    hidden_size=64,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=2,
+    axes_dim=[8, 12, 12],
+    theta=10_000,
+    qkv_bias=True,
+    guidance_embed=True,
 )
 AE_PARAMS = dict(
-    resolution=256, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1, z_channels=16,
-    scale_factor=0.3611, shift_factor=0.1159,
+    resolution=256,
+    in_channels=3,
+    ch=32,
+    out_ch=3,
+    ch_mult=[1, 1, 1, 1],
+    num_res_blocks=1,
+    z_channels=16,
+    scale_factor=0.3611,
+    shift_factor=0.1159,
 )
 WORDS = (
     "a an the of in on with and at by from under over near photo painting portrait drawing render close-up "
@@ -76,25 +93,45 @@ def make_t5(out_dir: Path, text: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "corpus.txt").write_text("\n".join(text))
         spm.SentencePieceTrainer.train(
-            input=str(Path(tmp) / "corpus.txt"), model_prefix=str(out_dir / "spiece"), vocab_size=400,
-            model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-            hard_vocab_limit=False, num_threads=1, minloglevel=2,
+            input=str(Path(tmp) / "corpus.txt"),
+            model_prefix=str(out_dir / "spiece"),
+            vocab_size=400,
+            model_type="unigram",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            num_threads=1,
+            minloglevel=2,
         )
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "spiece.model"))
     # the same pipeline T5's own fast tokenizer uses: Unigram pieces with Metaspace and a closing </s>
     vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
     tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(),
-                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", sp.eos_id())])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", model_max_length=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=512
+    )
     config = T5Config(
-        vocab_size=sp.get_piece_size(), d_model=TEXT_DIM, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-        use_cache=False, pad_token_id=sp.pad_id(), eos_token_id=sp.eos_id(),
+        vocab_size=sp.get_piece_size(),
+        d_model=TEXT_DIM,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=sp.pad_id(),
+        eos_token_id=sp.eos_id(),
     )
     torch.manual_seed(1)
     T5EncoderModel(config).save_pretrained(out_dir)
@@ -107,27 +144,43 @@ def make_clip(out_dir: Path, text: list[str]) -> None:
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     tok = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                           normalizers.Lowercase()])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
     # CLIP's split: specials, contractions, letter runs, single digits, other symbol runs
     pattern = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=[bos, eos], end_of_word_suffix="</w>",
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=[bos, eos],
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(text, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", special_tokens=[(bos, tok.token_to_id(bos)), (eos, tok.token_to_id(eos))]
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos,
-                                        unk_token=eos, model_max_length=77)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=eos, model_max_length=77
+    )
     config = CLIPTextConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=TEXT_DIM,
-        bos_token_id=tok.token_to_id(bos), eos_token_id=tok.token_to_id(eos), pad_token_id=tok.token_to_id(eos),
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=TEXT_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=TEXT_DIM,
+        bos_token_id=tok.token_to_id(bos),
+        eos_token_id=tok.token_to_id(eos),
+        pad_token_id=tok.token_to_id(eos),
     )
     torch.manual_seed(2)
     CLIPTextModel(config).save_pretrained(out_dir)

@@ -26,7 +26,11 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], params: dict) -> dict[str, tor
 
     copy("img_in", "x_embedder")
     copy("txt_in", "context_embedder")
-    for bfl, dif in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"), ("guidance_in", "guidance_embedder")):
+    for bfl, dif in (
+        ("time_in", "timestep_embedder"),
+        ("vector_in", "text_embedder"),
+        ("guidance_in", "guidance_embedder"),
+    ):
         copy(f"{bfl}.in_layer", f"time_text_embed.{dif}.linear_1")
         copy(f"{bfl}.out_layer", f"time_text_embed.{dif}.linear_2")
     for i in range(params["depth"]):
@@ -78,5 +82,13 @@ def diffusers_flux(params: dict, bfl_sd: dict[str, torch.Tensor]):
 
 
 def diffusers_forward(model, img, img_ids, txt, txt_ids, timesteps, y, guidance):
-    return model(hidden_states=img, encoder_hidden_states=txt, pooled_projections=y, timestep=timesteps,
-                 img_ids=img_ids[0], txt_ids=txt_ids[0], guidance=guidance, return_dict=False)[0]
+    return model(
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        pooled_projections=y,
+        timestep=timesteps,
+        img_ids=img_ids[0],
+        txt_ids=txt_ids[0],
+        guidance=guidance,
+        return_dict=False,
+    )[0]

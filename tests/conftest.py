@@ -1,0 +1,62 @@
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY_CONFIG = ROOT / "configs" / "config-tiny-cpu.json"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> dict:
+    """The demo config as a dict with absolute paths."""
+    data = json.loads(TINY_CONFIG.read_text())
+    for key in ("ckpt_path", "ae_path", "text_enc_path", "clip_path"):
+        data[key] = str(TINY_CONFIG.parent / data[key])
+    return data
+
+
+@pytest.fixture(scope="session")
+def flow_params(tiny_cfg) -> dict:
+    return tiny_cfg["params"]
+
+
+@pytest.fixture(scope="session")
+def bf16_pipeline(tiny_cfg):
+    from flux_pipeline import FluxPipeline
+
+    return FluxPipeline.load_pipeline_from_config(dict(tiny_cfg, flow_quantization_dtype="bfloat16"))
+
+
+@pytest.fixture(scope="session")
+def fp8_pipeline(tiny_cfg):
+    from flux_pipeline import FluxPipeline
+
+    return FluxPipeline.load_pipeline_from_config(dict(tiny_cfg))
+
+
+@pytest.fixture
+def write_json(tmp_path):
+    def write(data: dict, name: str = "config.json") -> Path:
+        path = tmp_path / name
+        path.write_text(json.dumps(data))
+        return path
+
+    return write

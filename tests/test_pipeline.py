@@ -1,0 +1,113 @@
+import hashlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, TINY_CONFIG
+
+SMALL = dict(width=128, height=96, num_steps=3)
+
+
+def test_same_seed_same_bytes_other_seed_differs(bf16_pipeline):
+    a = bf16_pipeline.generate("a red fox", seed=5, silent=True, **SMALL).getvalue()
+    b = bf16_pipeline.generate("a red fox", seed=5, silent=True, **SMALL).getvalue()
+    c = bf16_pipeline.generate("a red fox", seed=6, silent=True, **SMALL).getvalue()
+    assert a == b and a != c
+
+
+def test_prompt_changes_the_image(bf16_pipeline):
+    a = bf16_pipeline.generate("a red fox", seed=5, silent=True, **SMALL).getvalue()
+    b = bf16_pipeline.generate("a blue owl", seed=5, silent=True, **SMALL).getvalue()
+    assert a != b
+
+
+def test_jpeg_has_requested_size_and_seed_is_returned(bf16_pipeline):
+    jpeg, seed = bf16_pipeline.generate("", width=144, height=80, num_steps=2, return_seed=True, silent=True)
+    image = Image.open(jpeg)
+    assert image.format == "JPEG" and image.size == (144, 80) and image.mode == "RGB"
+    assert isinstance(seed, int) and 0 <= seed < 2**53
+    again = bf16_pipeline.generate("", width=144, height=80, num_steps=2, seed=seed, silent=True)
+    assert again.getvalue() == jpeg.getvalue()
+
+
+def test_size_floored_to_multiple_of_16(bf16_pipeline, caplog):
+    from loguru import logger
+
+    messages = []
+    handler = logger.add(messages.append, level="WARNING")
+    try:
+        jpeg = bf16_pipeline.generate("x", width=150, height=99, num_steps=1, seed=1, silent=True)
+    finally:
+        logger.remove(handler)
+    assert Image.open(jpeg).size == (144, 96)
+    assert any("150x99" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(width=8),
+        dict(height=15),
+        dict(num_steps=0),
+        dict(seed=-1),
+        dict(guidance=float("nan")),
+        dict(num_images=0),
+        dict(jpeg_quality=0),
+    ],
+)
+def test_bad_arguments_are_value_errors(bf16_pipeline, kwargs):
+    args = dict(SMALL, seed=1, silent=True)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        bf16_pipeline.generate("x", **args)
+
+
+def test_several_images_differ_and_reproduce(bf16_pipeline):
+    first = bf16_pipeline.generate("a cat", num_images=2, seed=3, silent=True, **SMALL)
+    again = bf16_pipeline.generate("a cat", num_images=2, seed=3, silent=True, **SMALL)
+    assert len(first) == 2 and first[0].getvalue() != first[1].getvalue()
+    assert [j.getvalue() for j in first] == [j.getvalue() for j in again]
+
+
+def test_long_prompt_is_truncated_with_a_warning(bf16_pipeline):
+    from loguru import logger
+
+    messages = []
+    handler = logger.add(messages.append, level="WARNING")
+    try:
+        bf16_pipeline.generate("red cat " * 100, seed=1, silent=True, **SMALL)
+    finally:
+        logger.remove(handler)
+    assert any("T5" in m and "dropped" in m for m in messages)
+
+
+def test_attributes(bf16_pipeline):
+    p = bf16_pipeline
+    assert p.model is not None and p.ae is not None and p.clip.is_clip and not p.t5.is_clip
+    assert p.config.flow_quantization_dtype == "bfloat16"
+
+
+HASH_SCRIPT = """
+import hashlib, sys
+sys.path.insert(0, {root!r})
+from flux_pipeline import FluxPipeline
+p = FluxPipeline.load_pipeline_from_config_path({config!r}{extra})
+print(hashlib.sha256(p.generate("a lighthouse", width=128, height=96, num_steps=3, seed=11, silent=True)
+                     .getvalue()).hexdigest())
+"""
+
+
+def image_hash_in_subprocess(extra: str = "") -> str:
+    script = HASH_SCRIPT.format(root=str(ROOT), config=str(TINY_CONFIG), extra=extra)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_two_processes_give_the_same_jpeg(fp8_pipeline):
+    first, second = image_hash_in_subprocess(), image_hash_in_subprocess()
+    assert first == second
+    here = fp8_pipeline.generate("a lighthouse", width=128, height=96, num_steps=3, seed=11, silent=True)
+    assert hashlib.sha256(here.getvalue()).hexdigest() == first
