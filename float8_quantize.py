@@ -145,18 +145,23 @@ class F8Linear(nn.Module):
         scale_a = self._input_scale(x)
         xq = (x.float() / scale_a).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
         scale_b = self.weight_scale
-        if scale_a.ndim != scale_b.ndim:  # mixed modes run the row-wise kernel: both scales as vectors
+        rowwise = scale_a.ndim > 0 or scale_b.ndim > 0
+        if rowwise and scale_a.ndim != scale_b.ndim:  # mixed modes run the row-wise kernel: both as vectors
             scale_a = scale_a.reshape(-1, 1).repeat(x.shape[0] // scale_a.numel(), 1)
             scale_b = scale_b.reshape(1, -1).repeat(1, self.out_features // scale_b.numel())
+        # CUDA's row-wise kernel writes bf16 only: other flow dtypes take its bf16 output and add the bias after
+        fused = not (rowwise and xq.is_cuda and self.out_dtype != torch.bfloat16)
         out = torch._scaled_mm(
             xq,
             self.weight.t(),  # (K, N) column-major, as the kernel wants
             scale_a=scale_a,
             scale_b=scale_b,
-            bias=self.bias,
-            out_dtype=self.out_dtype,
+            bias=self.bias if fused else None,
+            out_dtype=self.out_dtype if fused else torch.bfloat16,
             use_fast_accum=self.fast_accum,
         )
+        if not fused:
+            out = out.to(self.out_dtype) if self.bias is None else out.to(self.out_dtype) + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
 
@@ -175,6 +180,24 @@ def quantized_layer(name: str, settings: F8Settings) -> bool:
     if name.startswith(("double_blocks.", "single_blocks.")):
         return settings.quantize_modulation or not any(m in name for m in MODULATIONS)
     return name.startswith(EMBEDDERS) and settings.quantize_flow_embedder_layers
+
+
+@torch.no_grad()
+def quantize_flow_model(model: nn.Module, settings: F8Settings, fast_accum: bool = True) -> nn.Module:
+    """Swap the linears of an already loaded flow model for F8Linear, quantizing their weights, in place."""
+    per_channel = settings.weight_scaling == "per_channel"
+
+    def convert(linear: nn.Linear) -> F8Linear:
+        layer = F8Linear.like(linear, settings, fast_accum, linear.weight.dtype)
+        q, scale = quantize_weight(linear.weight, per_channel)
+        layer.weight.data = q
+        layer.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.data = linear.bias.data.clone()
+        return layer
+
+    swap_linears(model, lambda n: quantized_layer(n, settings), convert)
+    return model
 
 
 def metadata_for(settings: F8Settings, config) -> dict[str, str]:

@@ -189,3 +189,26 @@ def test_prequantized_mismatch_errors(tiny_cfg, tmp_path):
 def test_settings_reject_unknown_modes():
     with pytest.raises(ValueError, match="f8_activation_scaling"):
         F8Settings(activation_scaling="per_block")
+
+
+def test_fallback_without_fp8_tensor_cores(tiny_cfg, flow_params, monkeypatch):
+    from loguru import logger
+
+    inputs = random_inputs(flow_params)
+    with torch.no_grad():
+        expected = load_flow_model(ModelSpec(**tiny_cfg))(**inputs)
+    monkeypatch.setattr(f8, "fp8_supported", lambda device: False)
+    messages = []
+    handler = logger.add(messages.append, level="WARNING")
+    try:
+        model = load_flow_model(ModelSpec(**tiny_cfg))
+    finally:
+        logger.remove(handler)
+    assert sum("compute capability < 8.9" in m for m in messages) == 1
+    assert all(not m.use_fp8 for m in model.modules() if isinstance(m, F8Linear))
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1))
+    with torch.no_grad():
+        out = model(**inputs)
+    assert not calls and torch.isfinite(out).all()
+    assert 0 < ((out - expected).float().norm() / out.float().norm()).item() < 0.1

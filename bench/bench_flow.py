@@ -1,0 +1,279 @@
+"""Flow transformer benchmark: bf16 against each fp8 mode, eager and compiled, same weights and inputs.
+
+Builds the full-size FLUX.1-dev architecture with random weights (std 0.02) on the GPU, then measures:
+median ms/step and it/s per image size, peak memory, compile time, and accuracy two ways that do not depend
+on the random init: per Linear (each quantized layer on the exact input it receives in a bf16 forward,
+against a float64 matmul) and per block (each block's residual update from a float32 block input cast to
+bf16, against the float32 block). Guidance 4.0 (exact in bf16).
+
+    python bench/bench_flow.py --out $OUT/flow.json            # H200
+    python bench/bench_flow.py --tiny --device cpu --reps 2     # smoke test of the script itself
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import float8_quantize as f8  # noqa: E402
+from flux_pipeline import compile_flow_model  # noqa: E402
+from modules import sampling  # noqa: E402
+from modules.flux_model import Flux, FluxParams, timestep_embedding  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = {  # name: (weight scaling, activation scaling, fast accumulation)
+    "fp8 ch/tok": ("per_channel", "dynamic_per_token", True),
+    "fp8 ch/tok exact-acc": ("per_channel", "dynamic_per_token", False),
+    "fp8 ten/ten": ("per_tensor", "dynamic_per_tensor", True),
+    "fp8 ten/static": ("per_tensor", "static_per_tensor", True),
+    "fp8 ch/static": ("per_channel", "static_per_tensor", True),
+}
+
+
+def params(tiny: bool) -> dict:
+    name = "config-tiny-cpu.json" if tiny else "config-dev-1-H100.json"
+    return json.loads((ROOT / "configs" / name).read_text())["params"]
+
+
+@torch.no_grad()
+def random_model(p: dict, device: str, dtype: torch.dtype, seed: int = 0) -> Flux:
+    with torch.device("meta"):
+        model = Flux(FluxParams(**p))
+    model = model.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, t in model.named_parameters():
+        if name.endswith(".scale"):
+            t.fill_(1.0)  # RMSNorm gains: real checkpoints hold O(1) values
+        else:
+            t.copy_(torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
+    return model.eval().requires_grad_(False)
+
+
+def inputs(p: dict, height: int, width: int, device: str, dtype: torch.dtype, seed: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    img = sampling.pack(torch.randn(1, 16, height // 8, width // 8, generator=gen))
+    return dict(
+        img=img.to(device, dtype),
+        img_ids=sampling.img_ids(1, height, width).to(device),
+        txt=torch.randn(1, 512, p["context_in_dim"], generator=gen).to(device, dtype),
+        txt_ids=sampling.txt_ids(1, 512).to(device),
+        timesteps=torch.full((1,), 0.5, device=device),
+        y=torch.randn(1, p["vec_in_dim"], generator=gen).to(device, dtype),
+        guidance=torch.full((1,), 4.0, device=device),
+    )
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def time_forward(model, x: dict, reps: int, device: str) -> float:
+    """Median ms per forward (one denoising step)."""
+    for _ in range(3):
+        model(**x)
+    times = []
+    for _ in range(reps):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(**x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            model(**x)
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@torch.no_grad()
+def per_linear_errors(bf16: Flux, fp8_models: dict, x: dict) -> dict[str, list[float]]:
+    """Each layer that is fp8 in the default flags, on its exact bf16-forward input, against float64."""
+    settings = f8.F8Settings()
+    errors = {"bf16": [], **{name: [] for name in fp8_models}}
+    layers = {n: m for n, m in fp8_models[next(iter(fp8_models))].named_modules() if isinstance(m, f8.F8Linear)}
+    by_name = {name: dict(model.named_modules()) for name, model in fp8_models.items()}
+    hooks = []
+    for name, linear in bf16.named_modules():
+        if name not in layers or not f8.quantized_layer(name, settings):
+            continue
+
+        def hook(module, args, out, name=name):
+            inp = args[0]
+            ref = F.linear(inp.double(), module.weight.double(), module.bias.double())
+            errors["bf16"].append(rel(out, ref))
+            for mode, modules in by_name.items():
+                errors[mode].append(rel(modules[name](inp), ref))
+
+        hooks.append(linear.register_forward_hook(hook))
+    try:
+        bf16(**x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return errors
+
+
+@torch.no_grad()
+def per_block_errors(bf16: Flux, variants: dict, x: dict) -> dict[str, list[float]]:
+    """Residual update of every block from a float32 input cast to bf16, against the float32 block."""
+    device = x["img"].device
+    f32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+    ext = copy.deepcopy(bf16).float()  # only the embedders and final layer are used from this copy
+    ext.double_blocks, ext.single_blocks = torch.nn.ModuleList(), torch.nn.ModuleList()
+    vec = ext.time_in(timestep_embedding(f32["timesteps"], 256))
+    vec = vec + ext.guidance_in(timestep_embedding(f32["guidance"], 256)) + ext.vector_in(f32["y"])
+    img, txt = ext.img_in(f32["img"]), ext.txt_in(f32["txt"])
+    pe = ext.pe_embedder(torch.cat((f32["txt_ids"], f32["img_ids"]), dim=1))
+    errors = {name: [] for name in variants}
+    for i in range(len(bf16.double_blocks)):
+        ref_block = copy.deepcopy(bf16.double_blocks[i]).float()
+        img_out, txt_out = ref_block(img=img, txt=txt, vec=vec, pe=pe)
+        ref = torch.cat([img_out - img, txt_out - txt], dim=1)
+        for name, model in variants.items():
+            ib, tb, vb = img.to(model.dtype), txt.to(model.dtype), vec.to(model.dtype)
+            io, to = model.double_blocks[i](img=ib, txt=tb, vec=vb, pe=pe)
+            errors[name].append(rel(torch.cat([io.float() - ib.float(), to.float() - tb.float()], dim=1), ref))
+        img, txt = img_out, txt_out
+        del ref_block
+    h = torch.cat((txt, img), 1)
+    for i in range(len(bf16.single_blocks)):
+        ref_block = copy.deepcopy(bf16.single_blocks[i]).float()
+        out = ref_block(h, vec=vec, pe=pe)
+        for name, model in variants.items():
+            hb = h.to(model.dtype)
+            errors[name].append(
+                rel(model.single_blocks[i](hb, vec=vec.to(model.dtype), pe=pe).float() - hb.float(), out - h)
+            )
+        h = out
+        del ref_block
+    del ext
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return errors
+
+
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="tiny architecture (smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--sizes", default="1024x1024,768x768,1024x720")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument(
+        "--compile",
+        default="bf16,fp8 ch/tok,fp8 ten/ten,fp8 ten/static",
+        help="comma-separated variants to also time compiled ('' for none)",
+    )
+    ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    p, dev = params(args.tiny), args.device
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    result = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
+        "sizes": args.sizes,
+        "timing": {},
+        "accuracy": {},
+    }
+
+    bf16 = random_model(p, dev, torch.bfloat16)
+    variants = {"bf16": bf16}
+    for name, (w, a, fast) in MODES.items():
+        model = f8.quantize_flow_model(copy.deepcopy(bf16), f8.F8Settings(w, a), fast_accum=fast)
+        if a == "static_per_tensor":
+            f8.calibrate(model, torch.bfloat16)
+        variants[name] = model
+    sync(dev)
+    print(f"built {len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    x = inputs(p, *sizes[0], dev, torch.bfloat16)
+    lin = per_linear_errors(bf16, {k: v for k, v in variants.items() if k != "bf16"}, x)
+    blk = per_block_errors(bf16, variants, x)
+    result["accuracy"] = {k: {"per_linear": summary(lin[k]), "per_block": summary(blk[k])} for k in variants}
+    print(f"accuracy done at {time.perf_counter() - t0:.0f} s", flush=True)
+
+    compiled = [c for c in args.compile.split(",") if c]
+    for name, model in variants.items():
+        for size in sizes:
+            x = inputs(p, *size, dev, torch.bfloat16)
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            ms = time_forward(model, x, args.reps, dev)
+            peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if dev.startswith("cuda") else 0
+            result["timing"][f"{name} eager {size[0]}x{size[1]}"] = {
+                "ms": ms,
+                "it_s": 1000 / ms,
+                "peak_gib": peak / 2**30,
+            }
+        print(f"{name} eager done at {time.perf_counter() - t0:.0f} s", flush=True)
+    for name in compiled:
+        if time.perf_counter() - t0 > args.budget_s:
+            print(f"skipped compiled {name}: over the time budget", flush=True)
+            continue
+        torch._dynamo.reset()
+        model = compile_flow_model(variants[name])
+        for size in sizes:
+            x = inputs(p, *size, dev, torch.bfloat16)
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(**x)
+            sync(dev)
+            compile_s = time.perf_counter() - t
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            ms = time_forward(model, x, args.reps, dev)
+            peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if dev.startswith("cuda") else 0
+            result["timing"][f"{name} compiled {size[0]}x{size[1]}"] = {
+                "ms": ms,
+                "it_s": 1000 / ms,
+                "peak_gib": peak / 2**30,
+                "first_call_s": compile_s,
+            }
+        print(f"{name} compiled done at {time.perf_counter() - t0:.0f} s", flush=True)
+
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print("\n| variant | per-Linear median / max | per-block median / max |")
+    print("| --- | --- | --- |")
+    for k, v in result["accuracy"].items():
+        pl, pb = v["per_linear"], v["per_block"]
+        print(
+            f"| {k} | {100 * pl['median']:.2f}% / {100 * pl['max']:.2f}% | "
+            f"{100 * pb['median']:.2f}% / {100 * pb['max']:.2f}% |"
+        )
+    print("\n| variant | ms/step | it/s | peak GiB | first call s |")
+    print("| --- | --- | --- | --- | --- |")
+    for k, v in result["timing"].items():
+        print(f"| {k} | {v['ms']:.1f} | {v['it_s']:.2f} | {v['peak_gib']:.2f} | {v.get('first_call_s', 0):.1f} |")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
