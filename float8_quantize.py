@@ -7,6 +7,7 @@ and the config.
 """
 
 import argparse
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -123,17 +124,16 @@ class F8Linear(nn.Module):
             f"weight={self.weight_scaling}, activation={self.activation_scaling}, fast_accum={self.fast_accum}"
         )
 
-    def _input_scale(self, x: Tensor) -> Tensor:
-        """float32 scale: (M, 1) per token or () per tensor."""
-        if self.activation_scaling == "static_per_tensor" and not self.calibrating:
-            return self.input_scale
-        if self.activation_scaling == "dynamic_per_token":
-            amax = x.abs().amax(dim=1, keepdim=True).float()
-        else:
-            amax = x.abs().amax().float()
+    def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(M, K) activations -> e4m3 and the float32 scale, (M, 1) per token or () per tensor."""
         if self.calibrating:
+            amax = x.abs().amax().float()
             self.input_scale.copy_(torch.maximum(self.input_scale, amax / E4M3_MAX))
-        return (amax / E4M3_MAX).clamp(min=MIN_SCALE)
+        if self.activation_scaling == "static_per_tensor" and not self.calibrating:
+            scale = self.input_scale
+            return _quantizer(x.is_cuda)(x, scale), scale
+        per_token = self.activation_scaling == "dynamic_per_token"
+        return _dynamic_quantizer(x.is_cuda)(x, per_token)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -142,27 +142,58 @@ class F8Linear(nn.Module):
             w = dequantize_weight(self.weight, self.weight_scale).to(self.out_dtype)
             bias = None if self.bias is None else self.bias.to(self.out_dtype)
             return nn.functional.linear(x.to(self.out_dtype), w, bias).reshape(*shape[:-1], self.out_features)
-        scale_a = self._input_scale(x)
-        xq = (x.float() / scale_a).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        xq, scale_a = self._quantize_input(x)
         scale_b = self.weight_scale
         rowwise = scale_a.ndim > 0 or scale_b.ndim > 0
         if rowwise and scale_a.ndim != scale_b.ndim:  # mixed modes run the row-wise kernel: both as vectors
             scale_a = scale_a.reshape(-1, 1).repeat(x.shape[0] // scale_a.numel(), 1)
             scale_b = scale_b.reshape(1, -1).repeat(1, self.out_features // scale_b.numel())
-        # CUDA's row-wise kernel writes bf16 only: other flow dtypes take its bf16 output and add the bias after
-        fused = not (rowwise and xq.is_cuda and self.out_dtype != torch.bfloat16)
+        mm_dtype, fused = self._mm_dtype(rowwise, xq.is_cuda)
         out = torch._scaled_mm(
             xq,
             self.weight.t(),  # (K, N) column-major, as the kernel wants
             scale_a=scale_a,
             scale_b=scale_b,
             bias=self.bias if fused else None,
-            out_dtype=self.out_dtype if fused else torch.bfloat16,
+            out_dtype=mm_dtype,
             use_fast_accum=self.fast_accum,
         )
         if not fused:
             out = out.to(self.out_dtype) if self.bias is None else out.to(self.out_dtype) + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+    def _mm_dtype(self, rowwise: bool, cuda: bool) -> tuple[torch.dtype, bool]:
+        """What the kernel writes, and whether it adds the bias. CUDA's row-wise kernel writes bf16 only, and
+        cuBLASLt takes no bias with a float32 output; the CPU does everything."""
+        if not cuda or self.out_dtype == torch.bfloat16:
+            return self.out_dtype, True
+        if rowwise:
+            return torch.bfloat16, False
+        return self.out_dtype, self.out_dtype != torch.float32
+
+
+def _dynamic_quantize(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor]:
+    amax = x.abs().amax(dim=1, keepdim=True) if per_token else x.abs().amax()
+    scale = (amax.float() / E4M3_MAX).clamp(min=MIN_SCALE)  # scales in fp32: fp8's range is narrow
+    return _quantize(x, scale), scale
+
+
+def _quantize(x: Tensor, scale: Tensor) -> Tensor:
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+@functools.cache
+def _fused(fn: Callable) -> Callable:
+    # one Triton kernel instead of five passes over the activations; inlined when the caller is compiled
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _dynamic_quantizer(cuda: bool) -> Callable:
+    return _fused(_dynamic_quantize) if cuda else _dynamic_quantize
+
+
+def _quantizer(cuda: bool) -> Callable:
+    return _fused(_quantize) if cuda else _quantize
 
 
 def swap_linears(module: nn.Module, predicate: Callable[[str], bool], factory: Callable, prefix: str = "") -> None:

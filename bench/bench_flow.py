@@ -11,6 +11,7 @@ bf16, against the float32 block). Guidance 4.0 (exact in bf16).
 """
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import float8_quantize as f8  # noqa: E402
 from flux_pipeline import compile_flow_model  # noqa: E402
-from modules import sampling  # noqa: E402
+from modules import flux_model, sampling  # noqa: E402
 from modules.flux_model import Flux, FluxParams, timestep_embedding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +72,20 @@ def inputs(p: dict, height: int, width: int, device: str, dtype: torch.dtype, se
     )
 
 
+@contextlib.contextmanager
+def options(label: str):
+    """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization."""
+    saved = flux_model.SDPA_PRIORITY, f8._dynamic_quantizer
+    if "@flash" in label:
+        flux_model.SDPA_PRIORITY = [b for b in saved[0] if b != flux_model.SDPBackend.CUDNN_ATTENTION]
+    if "@unfused" in label:
+        f8._dynamic_quantizer = lambda cuda: f8._dynamic_quantize
+    try:
+        yield
+    finally:
+        flux_model.SDPA_PRIORITY, f8._dynamic_quantizer = saved
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -95,6 +110,16 @@ def time_forward(model, x: dict, reps: int, device: str) -> float:
             model(**x)
             times.append(1000 * (time.perf_counter() - t))
     return statistics.median(times)
+
+
+def measure(model, x: dict, reps: int, device: str) -> tuple[float, float]:
+    """Median ms per step and peak GiB (the model's own bytes plus what the forward allocates on top)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    ms = time_forward(model, x, reps, device)
+    peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if device.startswith("cuda") else 0
+    return ms, peak / 2**30
 
 
 def model_bytes(model) -> int:
@@ -187,6 +212,11 @@ def main() -> None:
         default="bf16,fp8 ch/tok,fp8 ten/ten,fp8 ten/static",
         help="comma-separated variants to also time compiled ('' for none)",
     )
+    ap.add_argument(
+        "--eager-extra",
+        default="fp8 ch/tok@unfused,fp8 ch/tok@flash,bf16@flash",
+        help="more eager variants: a mode with '@flash' and/or '@unfused'",
+    )
     ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -217,46 +247,37 @@ def main() -> None:
     result["accuracy"] = {k: {"per_linear": summary(lin[k]), "per_block": summary(blk[k])} for k in variants}
     print(f"accuracy done at {time.perf_counter() - t0:.0f} s", flush=True)
 
-    compiled = [c for c in args.compile.split(",") if c]
-    for name, model in variants.items():
-        for size in sizes:
-            x = inputs(p, *size, dev, torch.bfloat16)
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            ms = time_forward(model, x, args.reps, dev)
-            peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if dev.startswith("cuda") else 0
-            result["timing"][f"{name} eager {size[0]}x{size[1]}"] = {
-                "ms": ms,
-                "it_s": 1000 / ms,
-                "peak_gib": peak / 2**30,
-            }
-        print(f"{name} eager done at {time.perf_counter() - t0:.0f} s", flush=True)
-    for name in compiled:
+    eager = [*variants, *[e for e in args.eager_extra.split(",") if e]]
+    for label in eager:
+        model = variants[label.split("@")[0]]
+        with options(label):
+            for size in sizes:
+                x = inputs(p, *size, dev, torch.bfloat16)
+                ms, peak = measure(model, x, args.reps, dev)
+                result["timing"][f"{label} eager {size[0]}x{size[1]}"] = {"ms": ms, "it_s": 1000 / ms, "peak_gib": peak}
+        print(f"{label} eager done at {time.perf_counter() - t0:.0f} s", flush=True)
+    for label in [c for c in args.compile.split(",") if c]:
         if time.perf_counter() - t0 > args.budget_s:
-            print(f"skipped compiled {name}: over the time budget", flush=True)
+            print(f"skipped compiled {label}: over the time budget", flush=True)
             continue
         torch._dynamo.reset()
-        model = compile_flow_model(variants[name])
-        for size in sizes:
-            x = inputs(p, *size, dev, torch.bfloat16)
-            t = time.perf_counter()
-            with torch.no_grad():
-                model(**x)
-            sync(dev)
-            compile_s = time.perf_counter() - t
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            ms = time_forward(model, x, args.reps, dev)
-            peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if dev.startswith("cuda") else 0
-            result["timing"][f"{name} compiled {size[0]}x{size[1]}"] = {
-                "ms": ms,
-                "it_s": 1000 / ms,
-                "peak_gib": peak / 2**30,
-                "first_call_s": compile_s,
-            }
-        print(f"{name} compiled done at {time.perf_counter() - t0:.0f} s", flush=True)
+        model = compile_flow_model(variants[label.split("@")[0]])
+        with options(label):
+            for size in sizes:
+                x = inputs(p, *size, dev, torch.bfloat16)
+                t = time.perf_counter()
+                with torch.no_grad():
+                    model(**x)
+                sync(dev)
+                first = time.perf_counter() - t
+                ms, peak = measure(model, x, args.reps, dev)
+                result["timing"][f"{label} compiled {size[0]}x{size[1]}"] = {
+                    "ms": ms,
+                    "it_s": 1000 / ms,
+                    "peak_gib": peak,
+                    "first_call_s": first,
+                }
+        print(f"{label} compiled done at {time.perf_counter() - t0:.0f} s", flush=True)
 
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
