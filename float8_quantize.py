@@ -58,12 +58,20 @@ def fp8_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def quantize_weight(weight: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
-    """(out, in) weight -> e4m3 weight and float32 scale, (1, out) per channel or () per tensor."""
-    w = weight.float()
-    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
+def quantize_weight(weight: Tensor, per_channel: bool, chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """(out, in) weight -> e4m3 weight and float32 scale, (1, out) per channel or () per tensor.
+
+    Works `chunk` rows at a time, so quantizing at load needs little more than the weight itself.
+    """
+    rows = weight.split(chunk)
+    amax = torch.cat([r.abs().amax(dim=1) for r in rows]).float()  # exact in any dtype
+    if not per_channel:
+        amax = amax.max()
     scale = (amax / E4M3_MAX).clamp(min=MIN_SCALE)
-    q = (w / (scale[:, None] if per_channel else scale)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    q = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
+    for i, r in enumerate(rows):
+        s = scale[i * chunk : i * chunk + len(r), None] if per_channel else scale
+        q[i * chunk : i * chunk + len(r)] = r.to(torch.float32, copy=True).div_(s).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale[None, :] if per_channel else scale
 
 

@@ -57,7 +57,8 @@ def apply_rope(xq: Tensor, xk: Tensor, freqs_cis: Tensor) -> tuple[Tensor, Tenso
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor) -> Tensor:
     q, k = apply_rope(q, k, pe)
-    x = F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):  # inside: torch.compile bakes the choice in
+        x = F.scaled_dot_product_attention(q, k, v)
     return rearrange(x, "B H L D -> B L (H D)")
 
 
@@ -302,8 +303,7 @@ class Flux(nn.Module):
 
         ids = torch.cat((txt_ids, img_ids), dim=1)
         pe = self.pe_embedder(ids)
-        with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-            img = self._blocks(img, txt, vec, pe)
+        img = self._blocks(img, txt, vec, pe)
         return self.final_layer(img, vec)  # (B, L_img, in_channels)
 
     def _blocks(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> Tensor:

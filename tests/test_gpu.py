@@ -57,7 +57,7 @@ def test_load_to_fp8_on_cuda_peak_memory(tmp_path, tiny_cfg):
     resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     largest_bf16_tensor = 3072 * (3 * 3072 + 4 * 3072) * 2  # single block linear1
     print(f"fp8 model {resident / 2**20:.0f} MiB, load peak {peak / 2**20:.0f} MiB")
-    assert peak <= resident + 2 * largest_bf16_tensor
+    assert peak <= resident + largest_bf16_tensor + 128 * 2**20  # + quantization scratch
     assert model.double_blocks[0].img_attn.qkv.weight.dtype == f8.E4M3
 
 
