@@ -1,0 +1,76 @@
+"""Where one compiled 1024x1024 denoising step spends its GPU time, per kernel, for a few fp8 modes.
+
+python bench/profile_step.py --modes "fp8 ch/tok,fp8 ten/ten"
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import float8_quantize as f8  # noqa: E402
+from bench.bench_flow import MODES, inputs, params, random_model  # noqa: E402
+from flux_pipeline import compile_flow_model  # noqa: E402
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "cudnn" in n and "attn" in n or "sdpa" in n:
+        return "attention"
+    if "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n or "matmul" in n:
+        return "gemm"
+    if "triton" in n:
+        return "triton (fused elementwise/quant)"
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", default="fp8 ch/tok,fp8 ten/ten")
+    ap.add_argument("--size", default="1024x1024")
+    args = ap.parse_args()
+    p = params(False)
+    h, w = (int(v) for v in args.size.split("x"))
+    base = random_model(p, "cuda", torch.bfloat16)
+    x = inputs(p, h, w, "cuda", torch.bfloat16)
+    for label in args.modes.split(","):
+        torch._dynamo.reset()
+        if label == "bf16":
+            model = base
+        else:
+            ws, acts, fast = MODES[label]
+            model = f8.quantize_flow_model(copy.deepcopy(base), f8.F8Settings(ws, acts), fast_accum=fast)
+        compile_flow_model(model)
+        with torch.no_grad():
+            for _ in range(3):
+                model(**x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(**x)
+                torch.cuda.synchronize()
+        totals: dict[str, float] = {}
+        kernels = []
+        for e in prof.key_averages():
+            t = e.device_time_total / 1000  # ms
+            if t <= 0:
+                continue
+            totals[classify(e.key)] = totals.get(classify(e.key), 0) + t
+            kernels.append((t, e.count, e.key[:110]))
+        print(
+            f"\n== {label}: total {sum(totals.values()):.1f} ms GPU; "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+        )
+        for t, c, k in sorted(kernels, reverse=True)[:22]:
+            print(f"{t:8.2f} ms {c:5d}x  {k}")
+        if label != "bf16":
+            del model
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
