@@ -180,24 +180,18 @@ class FluxPipeline:
         return (result, seed) if return_seed else result
 
 
-def compile_flow_model(
-    model: torch.nn.Module, blocks: bool = True, extras: bool = True, whole: bool = False, mode: str | None = None
-) -> torch.nn.Module:
+def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool = True) -> torch.nn.Module:
     """`torch.compile` the flow model's blocks and/or the other submodules, in place (state-dict keys unchanged).
 
     Blocks of one kind share one compiled graph. The first call at a new image size recompiles once with
-    dynamic shapes, after which new sizes reuse it. `whole` compiles the forward as one graph instead (one
-    guard check and one kernel launcher per step rather than one per block).
+    dynamic shapes, after which new sizes reuse it.
     """
-    if whole:
-        model.compile(mode=mode)
-        return model
     if blocks:
         for block in [*model.double_blocks, *model.single_blocks]:
-            block.compile(mode=mode)
+            block.compile()
     if extras:
         for name in ("pe_embedder", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"):
-            getattr(model, name).compile(mode=mode)
+            getattr(model, name).compile()
     return model
 
 

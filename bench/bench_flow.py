@@ -95,11 +95,9 @@ def sync(device: str) -> None:
 def time_forward(model, x: dict, reps: int, device: str) -> float:
     """Median ms per forward (one denoising step)."""
     for _ in range(3):
-        torch.compiler.cudagraph_mark_step_begin()
         model(**x)
     times = []
     for _ in range(reps):
-        torch.compiler.cudagraph_mark_step_begin()
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -263,14 +261,12 @@ def main() -> None:
             print(f"skipped compiled {label}: over the time budget", flush=True)
             continue
         torch._dynamo.reset()
-        mode = "reduce-overhead" if "@cg" in label else None
-        model = compile_flow_model(variants[label.split("@")[0]], whole="@whole" in label, mode=mode)
+        model = compile_flow_model(variants[label.split("@")[0]])
         with options(label):
             for size in sizes:
                 x = inputs(p, *size, dev, torch.bfloat16)
                 t = time.perf_counter()
                 with torch.no_grad():
-                    torch.compiler.cudagraph_mark_step_begin()
                     model(**x)
                 sync(dev)
                 first = time.perf_counter() - t
