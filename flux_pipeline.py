@@ -5,6 +5,7 @@ import math
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
 from modules import sampling
 from modules.conditioner import HFEmbedder
 from modules.sampling import StepCallback
@@ -35,6 +37,7 @@ class FluxPipeline:
         self.text_enc_device = torch.device(config.text_enc_device)
         # one generation (or model change) at a time: they share the modules and the device memory
         self.lock = threading.RLock()
+        self.loras = LoraFuser(model)
 
     @classmethod
     def load_pipeline_from_config_path(cls, path: str, **overrides: Any) -> "FluxPipeline":
@@ -53,6 +56,43 @@ class FluxPipeline:
             f"(flow {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on {config.flux_device})"
         )
         return cls(config, model, ae, clip, t5)
+
+    # ---- LoRA ---------------------------------------------------------------------------------------------
+
+    def load_lora(self, lora: str | Path | dict[str, Tensor], scale: float = 1.0, name: str | None = None) -> str:
+        """Fuse a LoRA (a .safetensors path or a state dict) into the flow model; returns its name.
+
+        Loading a name that is already loaded replaces it (same file, new scale: only the scale changes)."""
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+        path = str(lora) if isinstance(lora, (str, Path)) else None
+        name = name or (Path(path).stem if path else f"lora_{len(self.loras.loaded)}")
+        with self.lock:
+            current = self.loras.loaded.get(name)
+            if current is not None and path is not None and current.path == path:
+                deltas = current.deltas
+            else:
+                sd, metadata = read_lora(path) if path else (lora, {})
+                deltas = convert_lora(sd, self.config.params.hidden_size, metadata)
+                deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
+            start = time.perf_counter()
+            self.loras.put(LoadedLora(name, path, float(scale), deltas))
+            logger.info(
+                f"LoRA {name!r} (scale {scale}) fused into {len(deltas)} layers in {time.perf_counter() - start:.2f} s"
+            )
+        return name
+
+    def unload_lora(self, name_or_path: str) -> None:
+        with self.lock:
+            match = [n for n, lora in self.loras.loaded.items() if name_or_path in (n, lora.path)]
+            if not match:
+                raise LoraNotLoaded(f"no LoRA named {name_or_path!r} is loaded")
+            for name in match:
+                self.loras.remove(name)
+                logger.info(f"LoRA {name!r} unloaded")
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return [{"name": n, "path": lora.path, "scale": lora.scale} for n, lora in self.loras.loaded.items()]
 
     # ---- inputs -------------------------------------------------------------------------------------------
 
@@ -178,6 +218,16 @@ class FluxPipeline:
         jpegs = [to_jpeg(image, jpeg_quality) for image in images]
         result = jpegs[0] if num_images == 1 else jpegs
         return (result, seed) if return_seed else result
+
+
+class LoraNotLoaded(KeyError):
+    pass
+
+
+def _to_device(part, device: torch.device):
+    part.down, part.up = part.down.to(device), part.up.to(device)
+    part.bias = None if part.bias is None else part.bias.to(device)
+    return part
 
 
 def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool = True) -> torch.nn.Module:
