@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from images import cover_crop, load_image, to_tensor
 from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
 from modules import sampling
 from modules.conditioner import HFEmbedder
@@ -138,9 +139,13 @@ class FluxPipeline:
         num_images: int = 1,
         callback: StepCallback | None = None,
         cancel: threading.Event | None = None,
+        init_image: Any = None,
+        strength: float = 1.0,
+        allow_image_path: bool = True,
     ) -> tuple[list[Image.Image], int]:
         """The lower-level call: PIL images and the seed. `callback(step, total)` runs after every step;
-        setting `cancel` stops between steps with `sampling.Cancelled`."""
+        setting `cancel` stops between steps with `sampling.Cancelled`. With `init_image`, img2img: the
+        image is encoded and noised to the timestep `strength` selects (1.0: pure noise, 0.0: no change)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         width, height = self._size(width, height)
@@ -150,6 +155,9 @@ class FluxPipeline:
             raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be finite, got {guidance!r}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        init = None if init_image is None else load_image(init_image, allow_path=allow_image_path)
         if seed is None:
             seed = random.SystemRandom().randint(0, MAX_SEED)
         elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -164,6 +172,11 @@ class FluxPipeline:
             img_ids = sampling.img_ids(num_images, height, width).to(self.flux_device)
             txt_ids = sampling.txt_ids(num_images, txt.shape[1]).to(self.flux_device)
             timesteps = sampling.get_schedule(num_steps, img.shape[1], shift=self.config.version == "flux-dev")
+            if init is not None and strength < 1:
+                # BFL img2img: skip the first steps and start from the noised encoding of the image
+                timesteps = timesteps[int((1 - strength) * num_steps) :]
+                x0 = sampling.pack(self.encode_image(init, width, height)).to(self.flux_device)
+                img = timesteps[0] * img + (1 - timesteps[0]) * x0.expand_as(img)
             img = sampling.denoise(self.model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel)
             t_denoise = time.perf_counter()
             images = self.decode(img, height, width)
@@ -173,6 +186,11 @@ class FluxPipeline:
                 f"decode {time.perf_counter() - t_denoise:.2f} s"
             )
         return images, seed
+
+    def encode_image(self, image: Image.Image, width: int, height: int) -> Tensor:
+        """(1, 16, H/8, W/8) float32 latent of the image, cover-resized and centre-cropped to width x height."""
+        x = to_tensor(cover_crop(image, width, height)).to(self.ae_device, self.ae.dtype)
+        return self.ae.encode(x).float()
 
     def decode(self, img: Tensor, height: int, width: int) -> list[Image.Image]:
         latents = sampling.unpack(img.float(), height, width).to(self.ae_device, self.ae.dtype)
@@ -196,8 +214,6 @@ class FluxPipeline:
         jpeg_quality: int = 99,
     ) -> io.BytesIO | list[io.BytesIO] | tuple[io.BytesIO | list[io.BytesIO], int]:
         """JPEG bytes of one image (a list when `num_images > 1`), and the seed with `return_seed`."""
-        if init_image is not None:
-            raise ValueError("init_image (img2img) is not supported yet")
         if not 1 <= jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
         bar = None if silent else tqdm(total=num_steps, desc="denoising", unit="step")
@@ -211,6 +227,8 @@ class FluxPipeline:
                 seed,
                 num_images,
                 callback=None if bar is None else lambda step, total: bar.update(1),
+                init_image=init_image,
+                strength=strength,
             )
         finally:
             if bar is not None:
@@ -247,6 +265,7 @@ def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool
 
 def to_jpeg(image: Image.Image, quality: int = 99) -> io.BytesIO:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    # full-resolution colour at high quality: chroma subsampling would cost more than the quality buys
+    image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     buffer.seek(0)
     return buffer
