@@ -2,7 +2,9 @@
 
 import argparse
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from loguru import logger
@@ -124,9 +126,35 @@ def main(argv: list[str] | None = None) -> None:
 
     from api import ServerSettings, create_app
 
+    DrainingServer = _draining_server()
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")
+    start = time.perf_counter()
+    pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # first-call costs (kernels, allocator) paid here
+    logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
     app = create_app(pipeline, ServerSettings(args.max_queue_size, args.api_key, args.lora_dir))
-    logger.info(f"serving on http://{args.host}:{args.port}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=600)
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    logger.info(f"serving on http://{args.host}:{args.port}" + (" (API key required)" if args.api_key else ""))
+    server.run()
+
+
+def _draining_server():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: health and new requests answer 503, queued jobs fail, the running job finishes,
+        then uvicorn closes the connections and the process exits 0."""
+
+        def handle_exit(self, sig, frame) -> None:
+            drain = getattr(self.config.app.state, "drain", None)
+            if drain is not None and not self.should_exit:
+                drain()
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0); uvicorn would re-raise it
+                captured = getattr(self, "_captured_signals", [])
+                captured[:] = [s for s in captured if s != signal.SIGTERM]
+
+    return DrainingServer
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""One worker thread running jobs in order from a bounded queue: never two GPU jobs at once."""
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from modules.sampling import Cancelled
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    run: Callable[[threading.Event], Any]
+    future: Future
+    cancel: threading.Event
+
+
+class Worker:
+    def __init__(self, max_queue_size: int):
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be at least 1, got {max_queue_size}")
+        self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue_size)
+        self.thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
+        self.running = 0
+        self.completed = 0
+        self.cancelled = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, run: Callable[[threading.Event], Any]) -> Job:
+        job = Job(run, Future(), threading.Event())
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def drop_queued(self, reason: str) -> int:
+        """Fail every job still waiting (the running one goes on); returns how many."""
+        dropped = 0
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return dropped
+            if job is None:
+                self.jobs.put_nowait(None)
+                return dropped
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(Cancelled(reason))
+            dropped += 1
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the running job, fail the queued ones, end the thread."""
+        self.drop_queued("server shutting down")
+        self.jobs.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            if job.cancel.is_set():  # its client left while it waited
+                self.cancelled += 1
+                job.future.set_exception(Cancelled("cancelled before it started"))
+                continue
+            self.running = 1
+            try:
+                job.future.set_result(job.run(job.cancel))
+                self.completed += 1
+            except Cancelled as e:
+                self.cancelled += 1
+                job.future.set_exception(e)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                job.future.set_exception(e)
+            finally:
+                self.running = 0

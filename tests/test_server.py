@@ -1,0 +1,335 @@
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.server_utils import running_server
+
+SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_steps": 3, "seed": 7}
+SLOW = {"prompt": "slow", "width": 512, "height": 512, "num_steps": 30, "seed": 1}
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny_cfg):
+    root = tmp_path_factory.mktemp("loras")
+    (root / "loras").mkdir()
+    h = tiny_cfg["params"]["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    lora = {
+        "double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, h, generator=g),
+        "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(h, 4, generator=g),
+        "single_blocks.1.linear2.lora_A.weight": torch.randn(4, 5 * h, generator=g),
+        "single_blocks.1.linear2.lora_B.weight": torch.randn(h, 4, generator=g),
+    }
+    save_file(lora, root / "loras" / "good.safetensors")
+    save_file(lora, root / "outside.safetensors")
+    (root / "loras" / "escape.safetensors").symlink_to(root / "outside.safetensors")
+    (root / "loras" / "notes.txt").write_text("not a lora")
+    return root / "loras"
+
+
+@pytest.fixture(scope="module")
+def server(lora_dir):
+    with running_server("--lora-dir", str(lora_dir)) as s:
+        yield s
+
+
+def test_generate_returns_the_asked_image_and_seed(server):
+    r = server.post("/generate", json=SMALL, headers={"X-Request-Id": "abc-123"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.headers["x-seed"] == "7" and r.headers["x-request-id"] == "abc-123"
+    assert float(r.headers["x-inference-time"]) > 0
+    image = Image.open(io.BytesIO(r.content))
+    assert image.format == "JPEG" and image.size == (128, 128)
+    again = server.post("/generate", json=SMALL)
+    assert again.content == r.content
+    other = server.post("/generate", json=dict(SMALL, seed=8))
+    assert other.content != r.content
+
+
+def test_random_seed_is_echoed_and_reproducible(server):
+    r = server.post("/generate", json={k: v for k, v in SMALL.items() if k != "seed"})
+    seed = int(r.headers["x-seed"])
+    assert server.post("/generate", json=dict(SMALL, seed=seed)).content == r.content
+
+
+@pytest.mark.parametrize("fmt,content_type", [("png", "image/png"), ("webp", "image/webp")])
+def test_output_formats(server, fmt, content_type):
+    r = server.post("/generate", json=dict(SMALL, output_format=fmt))
+    assert r.headers["content-type"] == content_type
+    assert Image.open(io.BytesIO(r.content)).format == fmt.upper()
+
+
+def test_several_images_as_json(server):
+    r = server.post("/generate", json=dict(SMALL, num_images=2))
+    body = r.json()
+    assert body["seed"] == 7 and len(body["images"]) == 2
+    images = [base64.b64decode(i) for i in body["images"]]
+    assert images[0] != images[1] and all(Image.open(io.BytesIO(i)).size == (128, 128) for i in images)
+
+
+def test_img2img_over_http(server):
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    a = server.post("/generate", json=dict(SMALL, init_image=b64, strength=0.5))
+    b = server.post("/generate", json=dict(SMALL, init_image=f"data:image/png;base64,{b64}", strength=0.5))
+    assert a.status_code == 200 and a.content == b.content and a.content != server.post("/generate", json=SMALL).content
+
+
+BAD = [
+    ("width", {"width": 120}),
+    ("width", {"width": 2064}),
+    ("width", {"width": 1000}),
+    ("height", {"height": 100}),
+    ("height", {"height": "tall"}),
+    ("num_steps", {"num_steps": 0}),
+    ("num_steps", {"num_steps": 101}),
+    ("guidance", {"guidance": -1}),
+    ("guidance", {"guidance": 20.5}),
+    ("seed", {"seed": -1}),
+    ("seed", {"seed": 2**53}),
+    ("strength", {"strength": 1.01}),
+    ("num_images", {"num_images": 5}),
+    ("prompt", {"prompt": "x" * 10_001}),
+    ("init_image", {"init_image": "%%% not base64"}),
+    ("init_image", {"init_image": base64.b64encode(b"definitely not an image").decode()}),
+    ("output_format", {"output_format": "gif"}),
+    ("jpeg_quality", {"jpeg_quality": 0}),
+    ("colour", {"colour": 1}),
+]
+
+
+@pytest.mark.parametrize("field,change", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
+def test_limits_give_422_naming_the_field_and_never_run(server, field, change):
+    before = server.health()["completed"]
+    r = server.post("/generate", json=dict(SMALL, **change))
+    assert r.status_code == 422
+    assert field in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request"
+    assert server.health()["completed"] == before
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt": "a", "guidance": NaN}',
+        '{"prompt": "a", "guidance": Infinity}',
+        '{"prompt": "a", "strength": -Infinity}',
+        "not json",
+        '["list"]',
+        '{"width": 256}',
+    ],
+)
+def test_malformed_json_is_422(server, raw):
+    r = server.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json()
+    assert "Traceback" not in r.text and "/" not in r.json()["error"]["message"].replace("N/A", "")
+
+
+def test_unknown_routes_are_json(server):
+    r = httpx.get(f"{server.url}/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert httpx.get(f"{server.url}/generate").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "path,status",
+    [
+        ("../outside.safetensors", 400),
+        ("loras/../../outside.safetensors", 400),
+        ("/etc/passwd", 400),
+        ("escape.safetensors", 403),
+        ("notes.txt", 400),
+        ("missing.safetensors", 404),
+        ("..\\outside.safetensors", 400),
+    ],
+)
+def test_lora_paths_outside_the_directory_are_refused(server, path, status, lora_dir):
+    r = server.post("/lora", json={"path": path})
+    assert r.status_code == status, r.text
+    assert str(lora_dir) not in r.text
+    assert httpx.get(f"{server.url}/lora").json() == {"loras": []}
+
+
+def test_lora_changes_the_image_and_unload_restores_the_exact_bytes(server):
+    before = server.post("/generate", json=SMALL).content
+    r = server.post("/lora", json={"path": "good.safetensors", "scale": 1.5})
+    assert r.status_code == 200 and r.json()["name"] == "good"
+    assert httpx.get(f"{server.url}/lora").json() == {
+        "loras": [{"name": "good", "path": "good.safetensors", "scale": 1.5}]
+    }
+    with_lora = server.post("/generate", json=SMALL).content
+    assert with_lora != before
+    assert server.post("/lora", json={"name": "good", "action": "unload"}).status_code == 200
+    assert server.post("/generate", json=SMALL).content == before
+    assert server.post("/lora", json={"name": "good", "action": "unload"}).status_code == 404
+    assert server.post("/lora", json={"path": "good.safetensors", "scale": "big"}).status_code == 422
+
+
+def test_lora_endpoint_is_off_without_a_directory():
+    with running_server() as s:
+        assert s.post("/lora", json={"path": "good.safetensors"}).status_code == 403
+
+
+def test_queue_full_is_429_and_running_jobs_finish():
+    with running_server("--max-queue-size", "1") as s:
+        results = {}
+
+        def call(i):
+            results[i] = s.post("/generate", json=dict(SLOW, seed=i))
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while s.health()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        threads[1].start()
+        while s.health()["queued"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = s.post("/generate", json=SMALL)
+        assert r.status_code == 429 and r.headers["retry-after"].isdigit()
+        assert r.json()["error"]["type"] == "queue_full" or "queue" in r.json()["error"]["message"]
+        for t in threads:
+            t.join(120)
+        assert [results[i].status_code for i in range(2)] == [200, 200]
+
+
+def test_client_disconnect_cancels_its_job():
+    with running_server() as s:
+        with pytest.raises(httpx.ReadTimeout):
+            s.post("/generate", json=dict(SLOW, num_steps=100), timeout=1.0)
+        deadline = time.monotonic() + 30
+        while s.health()["cancelled"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.health()["cancelled"] == 1
+        start = time.monotonic()
+        assert s.post("/generate", json=SMALL).status_code == 200
+        assert time.monotonic() - start < 10  # the worker is free again
+
+
+def test_api_key():
+    with running_server("--api-key", "s3cret") as s:
+        assert s.post("/generate", json=SMALL).status_code == 401
+        assert s.post("/generate", json=SMALL, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{s.url}/lora").status_code == 401
+        assert s.post("/lora", json={"path": "x.safetensors"}).status_code == 401
+        ok = s.post("/generate", json=SMALL, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and "s3cret" not in json.dumps(dict(ok.headers))
+        assert httpx.get(f"{s.url}/health").status_code == 200
+    with running_server(env={"FLUX_API_KEY": "from-env"}) as s:
+        assert s.post("/generate", json=SMALL).status_code == 401
+        assert s.post("/generate", json=SMALL, headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_sigterm_drains_and_exits_zero():
+    with running_server() as s:
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(r=s.post("/generate", json=SLOW)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while s.health()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s.terminate()
+        time.sleep(0.3)
+        try:  # while draining: 503, or the listener is already closed
+            assert httpx.get(f"{s.url}/health", timeout=2).status_code == 503
+        except httpx.TransportError:
+            pass
+        worker.join(120)
+        assert result["r"].status_code == 200 and Image.open(io.BytesIO(result["r"].content)).size == (512, 512)
+        assert s.proc.wait(60) == 0
+
+
+def test_schema_fuzz_finds_no_server_errors(server):
+    """schemathesis against /openapi.json, bounded in examples and time: no 5xx on /generate or /lora."""
+    import os
+    import shutil
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    st = shutil.which("schemathesis") or shutil.which("st")
+    if st is None:
+        pytest.fail("schemathesis is in requirements-test.txt; install it")
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.st_hooks", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [
+            st,
+            "run",
+            f"{server.url}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "25",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--include-path-regex",
+            "^/(generate|lora)$",
+            "--request-timeout",
+            "60",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert "POST /generate" in out.stdout and "POST /lora" in out.stdout  # both were exercised
+    assert server.health()["completed"] > 0  # valid requests did reach the pipeline
+
+
+class _FailingOnce:
+    """A pipeline whose first generation runs out of GPU memory (as a real CUDA OOM would surface)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate_images(self, prompt, width, height, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if self.calls == 2:
+            raise RuntimeError("something internal at /secret/path/model.py")
+        return [Image.new("RGB", (width, height))], 5
+
+    def list_loras(self):
+        return []
+
+
+def test_out_of_memory_is_503_and_the_server_goes_on():
+    import uvicorn
+
+    from api import create_app
+    from tests.server_utils import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(_FailingOnce()), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    try:
+        r = httpx.post(f"{url}/generate", json=SMALL, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["message"].startswith("out of GPU memory")
+        r = httpx.post(f"{url}/generate", json=SMALL, timeout=30)
+        assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
+        r = httpx.post(f"{url}/generate", json=SMALL, timeout=30)
+        assert r.status_code == 200 and r.headers["x-seed"] == "5"
+    finally:
+        server.should_exit = True
+        thread.join(30)
