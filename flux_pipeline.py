@@ -5,6 +5,7 @@ import math
 import random
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,15 @@ from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
 from modules import sampling
 from modules.conditioner import HFEmbedder
 from modules.sampling import StepCallback
-from util import ModelSpec, load_autoencoder, load_config, load_flow_model, load_text_encoders, spec_from_dict
+from util import (
+    ModelSpec,
+    check_device,
+    load_autoencoder,
+    load_config,
+    load_flow_model,
+    load_text_encoders,
+    spec_from_dict,
+)
 
 MAX_SEED = 2**53 - 1  # exact in JSON numbers
 
@@ -49,14 +58,50 @@ class FluxPipeline:
         if isinstance(config, dict):
             config = spec_from_dict(config)
         start = time.perf_counter()
-        clip, t5 = load_text_encoders(config)
-        model = load_flow_model(config)
-        ae = load_autoencoder(config)
+        # offloaded components load on the CPU and visit their device only while they run
+        cpu = {
+            "text_enc_device": config.offload_text_encoder,
+            "flux_device": config.offload_flow,
+            "ae_device": config.offload_vae,
+        }
+        load_config = config.model_copy(update={k: "cpu" for k, offload in cpu.items() if offload})
+        for key in cpu:  # a typo in a device is an error even when that component is offloaded
+            check_device(getattr(config, key), key)
+        clip, t5 = load_text_encoders(load_config)
+        model = load_flow_model(load_config)
+        ae = load_autoencoder(load_config)
         logger.info(
             f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s "
             f"(flow {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on {config.flux_device})"
         )
-        return cls(config, model, ae, clip, t5)
+        pipeline = cls(config, model, ae, clip, t5)
+        if config.compile_blocks or config.compile_extras:
+            pipeline.compile()
+        return pipeline
+
+    def compile(self, sizes: tuple[tuple[int, int], ...] = ((1024, 1024), (768, 768))) -> None:
+        """Compile the flow model and warm it up at two sizes (the second compiles the dynamic-shape graph that
+        later sizes reuse), so no request pays compile time."""
+        start = time.perf_counter()
+        torch._logging.set_logs(recompiles=True)  # a recompile after warm-up shows in the log
+        compile_flow_model(self.model, self.config.compile_blocks, self.config.compile_extras)
+        for width, height in sizes:
+            self.generate_images("warm-up", width, height, num_steps=2, seed=0)
+        logger.info(f"compiled and warmed up the flow model in {time.perf_counter() - start:.1f} s")
+
+    @contextmanager
+    def _on(self, module: torch.nn.Module, device: torch.device, offload: bool):
+        """Run `module` on `device`; an offloaded module goes back to the CPU afterwards."""
+        if not offload:
+            yield
+            return
+        module.to(device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ---- LoRA ---------------------------------------------------------------------------------------------
 
@@ -113,13 +158,15 @@ class FluxPipeline:
         """T5 tokens (B, L, context) and the CLIP vector (B, vec), on the flow device in the flow dtype."""
         for encoder in (self.t5, self.clip):
             ids, dropped = encoder.tokenize([prompt])
+            with self._on(encoder, self.text_enc_device, self.config.offload_text_encoder):
+                out = encoder(ids)
             if dropped[0]:
                 name = "CLIP" if encoder.is_clip else "T5"
                 logger.warning(f"prompt truncated for {name}: {dropped[0]} tokens past {encoder.max_length} dropped")
             if encoder.is_clip:
-                vec = encoder(ids)
+                vec = out
             else:
-                txt = encoder(ids)
+                txt = out
         dtype = self.config.flow_torch_dtype
         txt = txt.to(self.flux_device, dtype).expand(num_images, -1, -1)
         vec = vec.to(self.flux_device, dtype).expand(num_images, -1)
@@ -175,11 +222,16 @@ class FluxPipeline:
             if init is not None and strength < 1:
                 # BFL img2img: skip the first steps and start from the noised encoding of the image
                 timesteps = timesteps[int((1 - strength) * num_steps) :]
-                x0 = sampling.pack(self.encode_image(init, width, height)).to(self.flux_device)
+                with self._on(self.ae, self.ae_device, self.config.offload_vae):
+                    x0 = sampling.pack(self.encode_image(init, width, height)).to(self.flux_device)
                 img = timesteps[0] * img + (1 - timesteps[0]) * x0.expand_as(img)
-            img = sampling.denoise(self.model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel)
+            with self._on(self.model, self.flux_device, self.config.offload_flow):
+                img = sampling.denoise(
+                    self.model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel
+                )
             t_denoise = time.perf_counter()
-            images = self.decode(img, height, width)
+            with self._on(self.ae, self.ae_device, self.config.offload_vae):
+                images = self.decode(img, height, width)
             logger.info(
                 f"generated {num_images}x {width}x{height}, {num_steps} steps, seed {seed}: text "
                 f"{t_text - start:.2f} s, denoise {t_denoise - t_text:.2f} s, "

@@ -207,7 +207,7 @@ def spec_from_dict(data: dict) -> ModelSpec:
         raise ValueError("invalid config: " + "; ".join(lines)) from None
 
 
-def _check_device(device: str, key: str) -> torch.device:
+def check_device(device: str, key: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -259,7 +259,7 @@ def load_flow_model(config: ModelSpec) -> nn.Module:
     """The flow transformer on `flux_device` in `flow_dtype`, fp8 linears if `flow_quantization_dtype` is qfloat8."""
     import float8_quantize
 
-    device = _check_device(config.flux_device, "flux_device")
+    device = check_device(config.flux_device, "flux_device")
     with torch.device("meta"):
         model = Flux(FluxParams(**config.params.model_dump()))
     if config.flow_fp8:
@@ -273,31 +273,42 @@ def load_flow_model(config: ModelSpec) -> nn.Module:
 
 
 def load_autoencoder(config: ModelSpec) -> AutoEncoder:
-    device = _check_device(config.ae_device, "ae_device")
-    if config.ae_quantization_dtype == "qfloat8":
-        raise ValueError("ae_quantization_dtype 'qfloat8' is not supported yet; use null")
+    device = check_device(config.ae_device, "ae_device")
     with torch.device("meta"):
         ae = AutoEncoder(AutoEncoderParams(**config.ae_params.model_dump()))
     dtype = TORCH_DTYPES[config.ae_dtype]
     sd = read_safetensors(config.ae_path, device, lambda k, t: {k: t.to(dtype)})
     assign_state_dict(ae, sd, f"autoencoder {config.ae_path}")
+    if config.ae_quantization_dtype == "qfloat8":
+        import encoder_quantize
+
+        encoder_quantize.quantize_autoencoder(ae)
     return ae.eval().requires_grad_(False)
 
 
 def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype, device: torch.device, quant):
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    if quant not in (None, "bfloat16", "float16"):
-        raise ValueError(f"text encoder quantization {quant!r} is not supported yet; use null")
+    import encoder_quantize
+
     model_cls = CLIPTextModel if is_clip else T5EncoderModel
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = model_cls.from_pretrained(path, dtype=dtype).to(device)
+    bnb = encoder_quantize.bitsandbytes_config(quant, dtype)
+    if bnb is not None:
+        if device.type != "cuda":
+            raise ValueError(f"text encoder quantization {quant!r} (bitsandbytes) needs a CUDA device, not {device}")
+        model = model_cls.from_pretrained(path, dtype=dtype, quantization_config=bnb, device_map={"": device})
+    else:
+        model = model_cls.from_pretrained(path, dtype=dtype)
+        if quant in encoder_quantize.QUANTO:
+            encoder_quantize.quanto_quantize(model, quant)
+        model = model.to(device)
     return HFEmbedder(tokenizer, model, max_length=max_length, is_clip=is_clip)
 
 
 def load_text_encoders(config: ModelSpec) -> tuple[HFEmbedder, HFEmbedder]:
     """(clip, t5), on `text_enc_device` in `text_enc_dtype`."""
-    device = _check_device(config.text_enc_device, "text_enc_device")
+    device = check_device(config.text_enc_device, "text_enc_device")
     dtype = TORCH_DTYPES[config.text_enc_dtype]
     clip = _load_encoder(config.clip_path, True, 77, dtype, device, config.clip_quantization_dtype)
     t5 = _load_encoder(

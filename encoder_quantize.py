@@ -1,0 +1,87 @@
+"""Quantization of the text encoders (optimum-quanto, bitsandbytes) and fp8 storage for the autoencoder."""
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from torch import Tensor, nn
+
+from float8_quantize import quantize_weight
+
+QUANTO = ("qfloat8", "qint2")
+BITSANDBYTES = ("qint4", "qint8")
+
+
+def bitsandbytes_config(quant: str | None, compute_dtype: torch.dtype):
+    """`quantization_config` for `from_pretrained` (nf4 or int8 weights), or None."""
+    if quant not in BITSANDBYTES:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ValueError(f"text encoder quantization {quant!r} needs bitsandbytes (pip install bitsandbytes)") from e
+    if quant == "qint4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def quanto_quantize(model: nn.Module, quant: str) -> nn.Module:
+    """Quantize the linear weights in place with optimum-quanto (qfloat8: e4m3 weights, qint2: 2-bit)."""
+    try:
+        from optimum.quanto import freeze, qfloat8, qint2, quantize
+    except ImportError as e:
+        raise ValueError(f"text encoder quantization {quant!r} needs optimum-quanto") from e
+    before = weight_bytes(model)
+    quantize(model, weights={"qfloat8": qfloat8, "qint2": qint2}[quant])
+    freeze(model)
+    logger.info(
+        f"{type(model).__name__}: {quant} weights, {before / 2**20:.0f} -> {weight_bytes(model) / 2**20:.0f} MiB"
+    )
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        inner = getattr(t, "_data", None)  # quanto's packed tensors report their real storage here
+        total += (inner.numel() * inner.element_size()) if isinstance(inner, Tensor) else t.numel() * t.element_size()
+    return total
+
+
+class F8Conv2d(nn.Module):
+    """A Conv2d whose weight is stored in e4m3 (one scale per output channel) and upcast for each call."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        out_channels = conv.weight.shape[0]
+        q, scale = quantize_weight(conv.weight.detach().reshape(out_channels, -1), per_channel=True)
+        self.register_buffer("weight", q.reshape(conv.weight.shape))
+        self.register_buffer("weight_scale", scale.reshape(-1, 1, 1, 1))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = conv.weight.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = (self.weight.to(torch.float32) * self.weight_scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def quantize_autoencoder(ae: nn.Module) -> nn.Module:
+    """fp8 storage for every convolution with at least 16 input channels x kernel area (the rest are tiny)."""
+    before = weight_bytes(ae)
+
+    def swap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.Conv2d) and child.weight[0].numel() >= 16:
+                setattr(module, name, F8Conv2d(child))
+            else:
+                swap(child)
+
+    swap(ae)
+    after = weight_bytes(ae)
+    logger.info(
+        f"autoencoder: fp8 conv weights, {before / 2**20:.1f} -> {after / 2**20:.1f} MiB "
+        f"({(before - after) / 2**20:.1f} MiB saved; computed in {next(iter(ae.parameters())).dtype})"
+    )
+    return ae
