@@ -58,9 +58,11 @@ def test_offloaded_components_are_back_on_cpu(tiny_cfg):
         dict(tiny_cfg, offload_text_encoder=True, offload_vae=True, offload_flow=True)
     )
     seen = {}
-    pipe.model.register_forward_pre_hook(
-        lambda m, a, k: seen.setdefault("flow", m.img_in.weight.device), with_kwargs=True
-    )
+
+    def record(module, args, kwargs):
+        seen["flow"] = module.img_in.weight.device
+
+    pipe.model.register_forward_pre_hook(record, with_kwargs=True)
     pipe.generate("a fox", seed=1, **SMALL)
     assert seen["flow"].type == "cpu"  # this machine's device; on CUDA the GPU test checks the round trip
     for module in (pipe.model, pipe.ae, pipe.t5.hf_module, pipe.clip.hf_module):
