@@ -71,3 +71,60 @@ def test_tiny_pipeline_on_cuda_is_deterministic(tiny_cfg):
         for _ in range(2)
     }
     assert len(hashes) == 1
+
+
+def test_offload_round_trip_on_cuda(tiny_cfg):
+    from flux_pipeline import FluxPipeline
+
+    cfg = dict(
+        tiny_cfg,
+        flux_device="cuda:0",
+        ae_device="cuda:0",
+        text_enc_device="cuda:0",
+        offload_text_encoder=True,
+        offload_vae=True,
+        offload_flow=True,
+    )
+    pipe = FluxPipeline.load_pipeline_from_config(cfg)
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["flow"] = module.img_in.weight.device
+
+    pipe.model.register_forward_pre_hook(record, with_kwargs=True)
+    pipe.generate("a fox", 128, 128, 2, seed=1, silent=True)
+    assert seen["flow"].type == "cuda"
+    for module in (pipe.model, pipe.ae, pipe.t5.hf_module, pipe.clip.hf_module):
+        assert all(p.device.type == "cpu" for p in module.parameters())
+
+
+def test_compile_at_load_then_no_recompile_across_sizes(tiny_cfg):
+    from torch._dynamo.utils import counters
+
+    from flux_pipeline import FluxPipeline
+
+    cfg = dict(
+        tiny_cfg,
+        flux_device="cuda:0",
+        ae_device="cuda:0",
+        text_enc_device="cuda:0",
+        compile_blocks=True,
+        compile_extras=True,
+    )
+    pipe = FluxPipeline.load_pipeline_from_config(cfg)  # compiles and warms up
+    frames = counters["stats"]["unique_graphs"]
+    for width, height in ((1024, 1024), (768, 768), (1024, 720), (720, 1024), (1360, 768)):
+        pipe.generate_images("a fox", width, height, 1, seed=1)
+    assert counters["stats"]["unique_graphs"] == frames
+
+
+@pytest.mark.parametrize("quant", ["qint4", "qint8"])
+def test_bitsandbytes_text_encoder(tiny_cfg, quant):
+    import bitsandbytes  # noqa: F401 - carried to the GPU machine with device-wheels.sh --with-bnb
+    from flux_pipeline import FluxPipeline
+
+    cfg = dict(
+        tiny_cfg, flux_device="cuda:0", ae_device="cuda:0", text_enc_device="cuda:0", text_enc_quantization_dtype=quant
+    )
+    pipe = FluxPipeline.load_pipeline_from_config(cfg)
+    assert pipe.generate("a fox", 128, 128, 2, seed=1, silent=True).getvalue()
