@@ -121,6 +121,7 @@ def test_compile_at_load_then_no_recompile_across_sizes(tiny_cfg):
 @pytest.mark.parametrize("quant", ["qint4", "qint8"])
 def test_bitsandbytes_text_encoder(tiny_cfg, quant):
     import bitsandbytes  # noqa: F401 - carried to the GPU machine with device-wheels.sh --with-bnb
+
     from flux_pipeline import FluxPipeline
 
     cfg = dict(
