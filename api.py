@@ -22,6 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from flux_pipeline import to_jpeg
 from images import decode_base64_image
 from modules.sampling import Cancelled
 from server_queue import Job, QueueFull, Worker
@@ -123,13 +124,13 @@ def resolve_lora_path(lora_dir: Path, requested: str) -> Path:
 
 
 def encode_image(image: Image.Image, fmt: str, quality: int) -> bytes:
+    if fmt == "jpeg":
+        return to_jpeg(image, quality).getvalue()
     buffer = io.BytesIO()
     if fmt == "png":
         image.save(buffer, format="PNG")
-    elif fmt == "webp":
-        image.save(buffer, format="WEBP", quality=quality)
     else:
-        image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+        image.save(buffer, format="WEBP", quality=quality)
     return buffer.getvalue()
 
 
