@@ -19,6 +19,7 @@ from images import cover_crop, load_image, to_tensor
 from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
 from modules import sampling
 from modules.conditioner import HFEmbedder
+from modules.emphasis import parse_emphasis
 from modules.sampling import StepCallback
 from util import (
     ModelSpec,
@@ -156,21 +157,29 @@ class FluxPipeline:
 
     def encode_prompt(self, prompt: str, num_images: int) -> tuple[Tensor, Tensor]:
         """T5 tokens (B, L, context) and the CLIP vector (B, vec), on the flow device in the flow dtype."""
-        for encoder in (self.t5, self.clip):
-            ids, dropped = encoder.tokenize([prompt])
-            with self._on(encoder, self.text_enc_device, self.config.offload_text_encoder):
-                out = encoder(ids)
-            if dropped[0]:
-                name = "CLIP" if encoder.is_clip else "T5"
-                logger.warning(f"prompt truncated for {name}: {dropped[0]} tokens past {encoder.max_length} dropped")
-            if encoder.is_clip:
-                vec = out
+        segments = parse_emphasis(prompt) if self.config.prompt_emphasis else None
+        plain = "".join(text for text, _ in segments) if segments else prompt
+        with self._on(self.t5, self.text_enc_device, self.config.offload_text_encoder):
+            if segments:
+                ids, weights, dropped = self.t5.tokenize_weighted(segments)
+                txt = self.t5.apply_weights(self.t5(ids), weights)
             else:
-                txt = out
+                ids, (dropped,) = self.t5.tokenize([prompt])
+                txt = self.t5(ids)
+        self._warn_truncated("T5", dropped, self.t5.max_length)
+        ids, (dropped,) = self.clip.tokenize([plain])  # CLIP's pooled vector takes no per-token weights
+        with self._on(self.clip, self.text_enc_device, self.config.offload_text_encoder):
+            vec = self.clip(ids)
+        self._warn_truncated("CLIP", dropped, self.clip.max_length)
         dtype = self.config.flow_torch_dtype
         txt = txt.to(self.flux_device, dtype).expand(num_images, -1, -1)
         vec = vec.to(self.flux_device, dtype).expand(num_images, -1)
         return txt, vec
+
+    @staticmethod
+    def _warn_truncated(name: str, dropped: int, limit: int) -> None:
+        if dropped:
+            logger.warning(f"prompt truncated for {name}: {dropped} tokens past {limit} dropped")
 
     # ---- generation ---------------------------------------------------------------------------------------
 

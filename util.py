@@ -100,6 +100,7 @@ class ModelSpec(BaseModel):
     prequantized_flow: bool = False
     quantize_modulation: bool = True
     quantize_flow_embedder_layers: bool = False
+    prompt_emphasis: bool = False  # A1111-style (word:1.3) weights on the T5 tokens
     # fp8 modes (float8_quantize.py); the defaults are chosen by measurement, see bench/RESULTS.md
     f8_weight_scaling: Literal["per_channel", "per_tensor"] = "per_channel"
     f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = "dynamic_per_token"

@@ -33,6 +33,32 @@ class HFEmbedder(nn.Module):
         )
         return batch["input_ids"], dropped
 
+    def tokenize_weighted(self, segments: list[tuple[str, float]]) -> tuple[Tensor, Tensor, int]:
+        """T5 ids (1, max_length) for (text, weight) segments, per-token weights (1, max_length), tokens dropped."""
+        ids, weights = [], []
+        for text, weight in segments:
+            # each segment is tokenized as its own words: surrounding spaces would become lone '▁' tokens
+            if not text.strip():
+                continue
+            piece = self.tokenizer(text.strip(), add_special_tokens=False)["input_ids"]
+            ids += piece
+            weights += [weight] * len(piece)
+        closing = self.tokenizer("", add_special_tokens=True)["input_ids"]  # T5: [</s>]
+        room = self.max_length - len(closing)
+        dropped = max(0, len(ids) - room)
+        ids, weights = ids[:room] + closing, weights[:room] + [1.0] * len(closing)
+        pad = self.max_length - len(ids)
+        ids += [self.tokenizer.pad_token_id] * pad
+        weights += [1.0] * pad
+        return torch.tensor([ids]), torch.tensor([weights]), dropped
+
+    @staticmethod
+    def apply_weights(hidden: Tensor, weights: Tensor) -> Tensor:
+        """Scale each token's vector by its weight, then restore the overall mean (A1111's normalisation)."""
+        original_mean = hidden.float().mean()
+        weighted = hidden.float() * weights.to(hidden.device)[..., None]
+        return (weighted * (original_mean / weighted.mean())).to(hidden.dtype)
+
     @torch.inference_mode()
     def forward(self, input_ids: Tensor) -> Tensor:
         outputs = self.hf_module(input_ids=input_ids.to(self.device), attention_mask=None, output_hidden_states=False)

@@ -1,0 +1,106 @@
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from float8_quantize import F8Linear
+from main import build_pipeline, config_overrides, parse_args
+from tests.conftest import ROOT, TINY_CONFIG
+
+
+def test_flags_map_to_config_keys():
+    args = parse_args(
+        [
+            "-c",
+            "x.json",
+            "-f",
+            "flow.safetensors",
+            "-t",
+            "t5dir",
+            "-a",
+            "ae.safetensors",
+            "-m",
+            "flux-schnell",
+            "-F",
+            "cuda:1",
+            "-T",
+            "cpu",
+            "-A",
+            "cuda:0",
+            "-C",
+            "-qT",
+            "bf16",
+            "-qA",
+            "-OF",
+            "-OA",
+            "-OT",
+            "-PF",
+            "-nqfm",
+            "-qfl",
+            "-q",
+            "20",
+        ]
+    )
+    assert config_overrides(args) == {
+        "ckpt_path": "flow.safetensors", "text_enc_path": "t5dir", "ae_path": "ae.safetensors",
+        "version": "flux-schnell", "flux_device": "cuda:1", "text_enc_device": "cpu", "ae_device": "cuda:0",
+        "compile_blocks": True, "compile_extras": True, "text_enc_quantization_dtype": "bfloat16",
+        "ae_quantization_dtype": "qfloat8", "offload_flow": True, "offload_vae": False,
+        "offload_text_encoder": False, "prequantized_flow": True, "quantize_modulation": False,
+        "quantize_flow_embedder_layers": True,
+    }  # fmt: skip
+    defaults = parse_args([])
+    assert config_overrides(defaults) == {} and defaults.host == "127.0.0.1" and defaults.port == 8088
+
+
+def test_flags_override_the_config_file():
+    from optimum.quanto import QLinear
+
+    pipe = build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-qT", "qfloat8", "-nqfm", "-qfl"]))
+    assert pipe.config.text_enc_quantization_dtype == "qfloat8"
+    assert any(isinstance(m, QLinear) for m in pipe.t5.modules())  # --quant-text-enc qfloat8 really quantizes
+    assert not isinstance(pipe.model.double_blocks[0].img_mod.lin, F8Linear)
+    assert isinstance(pipe.model.img_in, F8Linear)
+
+
+def test_bad_flag_value_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "main.py", "-c", str(TINY_CONFIG), "-F", "gpu7"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "flux_device" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("size", [(256, 128)])
+def test_one_image_mode(tmp_path, size):
+    out_file = tmp_path / "demo.jpg"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "-c",
+            str(TINY_CONFIG),
+            "--prompt",
+            "a lighthouse",
+            "--width",
+            str(size[0]),
+            "--height",
+            str(size[1]),
+            "--num-steps",
+            "2",
+            "--seed",
+            "3",
+            "--output",
+            str(out_file),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert Image.open(out_file).size == size
