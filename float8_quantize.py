@@ -308,13 +308,7 @@ def load_fp8_flow_model(model: nn.Module, config, device: torch.device) -> nn.Mo
         sd.update({f"{n}.input_scale": torch.zeros((), device=device) for n in f8_modules})
     assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
     model.eval().requires_grad_(False)
-    if not fp8_supported(device):
-        logger.warning(
-            f"{device} has no fp8 tensor cores (compute capability < 8.9): fp8 weights are dequantized "
-            f"to {config.flow_dtype} for every matmul; expect bf16 speed and fp8 weight error"
-        )
-        for m in f8_modules.values():
-            m.use_fp8 = False
+    match_device(model, device)
     if needs_calibration:
         calibrate(model, dtype)
     logger.info(
@@ -322,6 +316,19 @@ def load_fp8_flow_model(model: nn.Module, config, device: torch.device) -> nn.Mo
         f"{settings.activation_scaling} activations) on {device}"
     )
     return model
+
+
+def match_device(model: nn.Module, device: torch.device) -> None:
+    """On a GPU without fp8 tensor cores (compute capability < 8.9), dequantize for every matmul instead."""
+    supported = fp8_supported(device)
+    if not supported:
+        logger.warning(
+            f"{device} has no fp8 tensor cores (compute capability < 8.9): fp8 weights are dequantized for every "
+            "matmul; expect bf16 speed and fp8 weight error"
+        )
+    for m in model.modules():
+        if isinstance(m, F8Linear):
+            m.use_fp8 = supported
 
 
 @torch.inference_mode()

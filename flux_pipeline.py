@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from float8_quantize import match_device
 from images import cover_crop, load_image, to_tensor
 from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
 from modules import sampling
@@ -70,6 +71,8 @@ class FluxPipeline:
             check_device(getattr(config, key), key)
         clip, t5 = load_text_encoders(load_config)
         model = load_flow_model(load_config)
+        if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
+            match_device(model, torch.device(config.flux_device))
         ae = load_autoencoder(load_config)
         logger.info(
             f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s "
