@@ -213,3 +213,12 @@ def test_fallback_without_fp8_tensor_cores(tiny_cfg, flow_params, monkeypatch):
         out = model(**inputs)
     assert not calls and torch.isfinite(out).all()
     assert 0 < ((out - expected).float().norm() / out.float().norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_weight_leaves_its_input_alone(dtype):
+    w = torch.randn(2048 + 5, 32).to(dtype)  # more than one chunk of rows
+    copy = w.clone()
+    q, s = quantize_weight(w, per_channel=True)
+    assert torch.equal(w, copy)
+    torch.testing.assert_close(f8.dequantize_weight(q, s), w.float(), rtol=0.07, atol=1e-4)  # subnormals
