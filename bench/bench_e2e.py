@@ -1,0 +1,148 @@
+"""End-to-end timing: prompt -> JPEG with random full-size T5-XXL, CLIP-L, FLUX.1-dev flow model and autoencoder.
+
+    python bench/bench_e2e.py --out $OUT/e2e.json                 # H200: 28 steps at 1024x1024
+    python bench/bench_e2e.py --tiny --device cpu --steps 2       # smoke test of the script itself
+
+Splits the time into text encoding, denoising and decoding (the pipeline logs the same split), after one
+warm-up image. The tokenizers are the tiny demo's (ids fit any vocabulary); weights are random, which costs
+the same time as real ones.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_flow import random_model  # noqa: E402
+from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
+from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
+from modules.conditioner import HFEmbedder  # noqa: E402
+from util import spec_from_dict  # noqa: E402
+
+TINY = ROOT / "configs" / "config-tiny-cpu.json"
+FULL = ROOT / "configs" / "config-dev-1-H100.json"
+
+
+def random_encoders(tiny: bool, device: str, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if tiny:
+        t5 = T5EncoderModel.from_pretrained(ROOT / "configs/tiny/t5", dtype=dtype)
+        clip = CLIPTextModel.from_pretrained(ROOT / "configs/tiny/clip", dtype=dtype)
+    else:
+        with torch.device(device):
+            t5 = T5EncoderModel(
+                T5Config(
+                    vocab_size=32128,
+                    d_model=4096,
+                    d_kv=64,
+                    d_ff=10240,
+                    num_layers=24,
+                    num_heads=64,
+                    feed_forward_proj="gated-gelu",
+                    is_encoder_decoder=False,
+                )
+            )
+            clip = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=49408,
+                    hidden_size=768,
+                    intermediate_size=3072,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    max_position_embeddings=77,
+                    eos_token_id=1,
+                )
+            )
+        t5, clip = t5.to(dtype), clip.to(dtype)
+    t5_tok = AutoTokenizer.from_pretrained(ROOT / "configs/tiny/t5")
+    clip_tok = AutoTokenizer.from_pretrained(ROOT / "configs/tiny/clip")
+    return (HFEmbedder(clip_tok, clip.to(device), 77, True), HFEmbedder(t5_tok, t5.to(device), 512, False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--size", default="1024x1024")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="compile blocks and extras (warm-up included)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    cfg = json.loads((TINY if args.tiny else FULL).read_text())
+    tiny = TINY.parent / "tiny"  # existing files for the config's path checks; the weights here are random
+    cfg.update(
+        ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
+        text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), flux_device=args.device,
+        ae_device=args.device, text_enc_device=args.device, text_enc_max_length=512,
+        text_enc_quantization_dtype=None, compile_blocks=False, compile_extras=False,
+    )  # fmt: skip
+    config = spec_from_dict(cfg)
+    import float8_quantize as f8
+
+    model = f8.quantize_flow_model(random_model(cfg["params"], args.device, torch.bfloat16), f8.F8Settings())
+    with torch.device(args.device):
+        ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"])).to(torch.bfloat16).eval().requires_grad_(False)
+    clip, t5 = random_encoders(args.tiny, args.device, torch.bfloat16)
+    pipe = FluxPipeline(config, model, ae, clip, t5)
+    if args.compile:
+        t = time.perf_counter()
+        compile_flow_model(pipe.model)
+        pipe.generate_images("warm-up", width, height, 2, seed=0)
+        print(f"compile + warm-up {time.perf_counter() - t:.1f} s", flush=True)
+    pipe.generate("warm-up", width, height, args.steps, seed=0, silent=True)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    totals, phases = [], {"text": [], "denoise": [], "decode": []}
+    for rep in range(args.reps):
+        sync()
+        t0 = time.perf_counter()
+        txt, vec = pipe.encode_prompt(f"a lighthouse at dusk {rep}", 1)
+        sync()
+        t1 = time.perf_counter()
+        jpeg = pipe.generate(f"a lighthouse at dusk {rep}", width, height, args.steps, seed=rep, silent=True)
+        sync()
+        t2 = time.perf_counter()
+        totals.append(t2 - t1)
+        phases["text"].append(t1 - t0)
+        assert jpeg.getvalue()[:2] == b"\xff\xd8"
+    # denoise alone, to split the end-to-end time
+    from modules import sampling
+
+    img = sampling.pack(sampling.get_noise(1, height, width, 0)).to(args.device)
+    ids, tids = sampling.img_ids(1, height, width).to(args.device), sampling.txt_ids(1, txt.shape[1]).to(args.device)
+    steps = sampling.get_schedule(args.steps, img.shape[1])
+    for _ in range(args.reps):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = sampling.denoise(pipe.model, img, ids, txt, tids, vec, steps, 3.5)
+        sync()
+        phases["denoise"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            pipe.decode(out, height, width)
+        sync()
+        phases["decode"].append(time.perf_counter() - t)
+    result = {
+        "size": args.size,
+        "steps": args.steps,
+        "compiled": args.compile,
+        "end_to_end_s": statistics.median(totals),
+        **{f"{k}_s": statistics.median(v) for k, v in phases.items()},
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
