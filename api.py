@@ -96,6 +96,34 @@ class LoraRequest(BaseModel):
         return self
 
 
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a 20 MB image in base64 plus the other fields
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over `limit` bytes, declared or streamed, before they are read."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await error(413, f"request body over {self.limit} bytes", "too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
 def error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
 
@@ -161,6 +189,7 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
         await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="flux-fp8-api", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
     app.state.ready = False
     app.state.worker = worker
 
@@ -188,6 +217,8 @@ def create_app(pipeline, settings: ServerSettings | None = None) -> FastAPI:
             403: "forbidden",
             404: "not_found",
             405: "method_not_allowed",
+            413: "too_large",
+            429: "queue_full",
             503: "unavailable",
         }
         return error(exc.status_code, str(exc.detail), kinds.get(exc.status_code, "error"), exc.headers)

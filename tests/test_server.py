@@ -134,6 +134,22 @@ def test_malformed_json_is_422(server, raw):
     assert "Traceback" not in r.text and "/" not in r.json()["error"]["message"].replace("N/A", "")
 
 
+def test_oversized_bodies_are_413_before_being_read(server):
+    big = b'{"prompt": "' + b"x" * (33 * 1024 * 1024) + b'"}'
+    r = server.post("/generate", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "too_large"
+
+    def chunks():  # no Content-Length: counted as it streams
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    r = server.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert server.post("/generate", json=SMALL).status_code == 200
+
+
 def test_unknown_routes_are_json(server):
     r = httpx.get(f"{server.url}/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
