@@ -22,13 +22,12 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flux_pipeline import to_jpeg
+from flux_pipeline import MAX_SEED, to_jpeg
 from images import decode_base64_image
 from modules.sampling import Cancelled
 from server_queue import Job, QueueFull, Worker
 
 MAX_PIXELS = 4_194_304
-MAX_SEED = 2**53 - 1
 MAX_INIT_IMAGE_BYTES = 20 * 1024 * 1024
 RETRY_AFTER_S = "10"
 
