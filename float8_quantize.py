@@ -7,7 +7,6 @@ and the config.
 """
 
 import argparse
-import functools
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,9 +15,11 @@ import torch
 from loguru import logger
 from torch import Tensor, nn
 
+import fp8_kernels
+
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
-MIN_SCALE = 1e-12  # keeps all-zero rows/tensors finite
+E4M3_MAX = fp8_kernels.E4M3_MAX
+MIN_SCALE = fp8_kernels.MIN_SCALE
 METADATA_FORMAT = "flux-fp8-api/f8"
 WEIGHT_SCALINGS = ("per_channel", "per_tensor")
 ACTIVATION_SCALINGS = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
@@ -139,9 +140,9 @@ class F8Linear(nn.Module):
             self.input_scale.copy_(torch.maximum(self.input_scale, amax / E4M3_MAX))
         if self.activation_scaling == "static_per_tensor" and not self.calibrating:
             scale = self.input_scale
-            return _quantizer(x.is_cuda)(x, scale), scale
+            return fp8_kernels.quantizer(x.is_cuda)(x, scale), scale
         per_token = self.activation_scaling == "dynamic_per_token"
-        return _dynamic_quantizer(x.is_cuda)(x, per_token)
+        return fp8_kernels.dynamic_quantizer(x.is_cuda)(x, per_token)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -150,11 +151,23 @@ class F8Linear(nn.Module):
             w = dequantize_weight(self.weight, self.weight_scale).to(self.out_dtype)
             bias = None if self.bias is None else self.bias.to(self.out_dtype)
             return nn.functional.linear(x.to(self.out_dtype), w, bias).reshape(*shape[:-1], self.out_features)
-        xq, scale_a = self._quantize_input(x)
+        return self._matmul(*self._quantize_input(x)).reshape(*shape[:-1], self.out_features)
+
+    def forward_gelu_concat(self, a: Tensor | None, b: Tensor) -> Tensor:
+        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None). With per-token scaling on CUDA, the GELU, the
+        concatenation and the quantization are one pass over the activations (`fp8_kernels`)."""
+        fused = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
+        if not (fused and fp8_kernels.available(b)):
+            x = nn.functional.gelu(b, approximate="tanh")
+            return self(x if a is None else torch.cat((a, x), dim=-1))
+        return self._matmul(*fp8_kernels.gelu_concat_quantize(a, b)).reshape(*b.shape[:-1], self.out_features)
+
+    def _matmul(self, xq: Tensor, scale_a: Tensor) -> Tensor:
+        """(M, K) e4m3 activations and their scale -> (M, N) in `out_dtype`."""
         scale_b = self.weight_scale
         rowwise = scale_a.ndim > 0 or scale_b.ndim > 0
         if rowwise and scale_a.ndim != scale_b.ndim:  # mixed modes run the row-wise kernel: both as vectors
-            scale_a = scale_a.reshape(-1, 1).repeat(x.shape[0] // scale_a.numel(), 1)
+            scale_a = scale_a.reshape(-1, 1).repeat(xq.shape[0] // scale_a.numel(), 1)
             scale_b = scale_b.reshape(1, -1).repeat(1, self.out_features // scale_b.numel())
         mm_dtype, fused = self._mm_dtype(rowwise, xq.is_cuda)
         out = torch._scaled_mm(
@@ -168,7 +181,7 @@ class F8Linear(nn.Module):
         )
         if not fused:
             out = out.to(self.out_dtype) if self.bias is None else out.to(self.out_dtype) + self.bias
-        return out.reshape(*shape[:-1], self.out_features)
+        return out
 
     def _mm_dtype(self, rowwise: bool, cuda: bool) -> tuple[torch.dtype, bool]:
         """What the kernel writes, and whether it adds the bias. CUDA's row-wise kernel writes bf16 only, and
@@ -178,30 +191,6 @@ class F8Linear(nn.Module):
         if rowwise:
             return torch.bfloat16, False
         return self.out_dtype, self.out_dtype != torch.float32
-
-
-def _dynamic_quantize(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor]:
-    amax = x.abs().amax(dim=1, keepdim=True) if per_token else x.abs().amax()
-    scale = (amax.float() / E4M3_MAX).clamp(min=MIN_SCALE)  # scales in fp32: fp8's range is narrow
-    return _quantize(x, scale), scale
-
-
-def _quantize(x: Tensor, scale: Tensor) -> Tensor:
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-
-
-@functools.cache
-def _fused(fn: Callable) -> Callable:
-    # one Triton kernel instead of five passes over the activations; inlined when the caller is compiled
-    return torch.compile(fn, dynamic=True, fullgraph=True)
-
-
-def _dynamic_quantizer(cuda: bool) -> Callable:
-    return _fused(_dynamic_quantize) if cuda else _dynamic_quantize
-
-
-def _quantizer(cuda: bool) -> Callable:
-    return _fused(_quantize) if cuda else _quantize
 
 
 def swap_linears(module: nn.Module, predicate: Callable[[str], bool], factory: Callable, prefix: str = "") -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from cuda_graphs import GraphedFlow
 from float8_quantize import match_device
 from images import cover_crop, load_image, to_tensor
 from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
@@ -50,6 +51,9 @@ class FluxPipeline:
         # one generation (or model change) at a time: they share the modules and the device memory
         self.lock = threading.RLock()
         self.loras = LoraFuser(model)
+        # fusing a LoRA copies into the same weight tensors, so graphs stay valid; offloading moves them
+        graphs = config.cuda_graphs and self.flux_device.type == "cuda" and not config.offload_flow
+        self.step_model = GraphedFlow(model) if graphs else model
 
     @classmethod
     def load_pipeline_from_config_path(cls, path: str, **overrides: Any) -> "FluxPipeline":
@@ -89,6 +93,8 @@ class FluxPipeline:
         start = time.perf_counter()
         torch._logging.set_logs(recompiles=True)  # a recompile after warm-up shows in the log
         compile_flow_model(self.model, self.config.compile_blocks, self.config.compile_extras)
+        if isinstance(self.step_model, GraphedFlow):
+            self.step_model.reset()  # graphs captured before would replay the uncompiled kernels
         for width, height in sizes:
             self.generate_images("warm-up", width, height, num_steps=2, seed=0)
         logger.info(f"compiled and warmed up the flow model in {time.perf_counter() - start:.1f} s")
@@ -239,7 +245,7 @@ class FluxPipeline:
                 img = timesteps[0] * img + (1 - timesteps[0]) * x0.expand_as(img)
             with self._on(self.model, self.flux_device, self.config.offload_flow):
                 img = sampling.denoise(
-                    self.model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel
+                    self.step_model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel
                 )
             t_denoise = time.perf_counter()
             with self._on(self.ae, self.ae_device, self.config.offload_vae):

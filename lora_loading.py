@@ -261,11 +261,17 @@ class LoadedLora:
 
 @dataclass
 class LoraFuser:
-    """Keeps `model`'s touched layers equal to pristine + the sum of every loaded LoRA's delta."""
+    """Keeps `model`'s touched layers equal to pristine + the sum of every loaded LoRA's delta.
+
+    A layer's pristine tensors are copied to (pinned) host memory the first time a LoRA touches it and kept
+    from then on, so later loads, swaps and unloads move no weights off the GPU. Layers that hold their
+    pristine values (`clean`) are read in place: a swap uploads nothing either.
+    """
 
     model: nn.Module
     loaded: dict[str, LoadedLora] = field(default_factory=dict)
-    pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # on CPU
+    pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # host copies
+    dirty: set[str] = field(default_factory=set)  # layers that hold pristine + deltas
 
     def modules(self) -> dict[str, nn.Module]:
         return dict(self.model.named_modules())
@@ -304,18 +310,23 @@ class LoraFuser:
         modules = self.modules()
         for name in sorted(names):
             module = modules[name]
+            state = _state(module)
             if name not in self.pristine:
-                self.pristine[name] = tuple(t.detach().to("cpu", copy=True) for t in _state(module))
+                self.pristine[name] = tuple(_host_copy(t) for t in state)
             parts = [(p, lora.scale) for lora in self.loaded.values() for p in lora.deltas.get(name, [])]
             if not parts:  # nothing left on this layer: the exact original tensors
-                for t, orig in zip(_state(module), self.pristine.pop(name), strict=True):
-                    t.copy_(orig)
+                if name in self.dirty:
+                    for t, orig in zip(state, self.pristine[name], strict=True):
+                        t.copy_(orig, non_blocking=True)
+                    self.dirty.discard(name)
                 continue
-            orig = self.pristine[name]
             device = module.weight.device
+            orig = (
+                state if name not in self.dirty else tuple(t.to(device, non_blocking=True) for t in self.pristine[name])
+            )
             # float32 working copies (never views of the pristine tensors)
             if isinstance(module, F8Linear):
-                weight = dequantize_weight(orig[0].to(device), orig[1].to(device))
+                weight = dequantize_weight(orig[0], orig[1])
             else:
                 weight = orig[0].to(device, torch.float32, copy=True)
             bias = orig[-1].to(device, torch.float32, copy=True) if module.bias is not None else None
@@ -335,6 +346,17 @@ class LoraFuser:
                 module.weight.copy_(weight)
             if bias is not None:
                 module.bias.copy_(bias)
+            self.dirty.add(name)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # copies finished: the change is complete when this returns
+
+
+def _host_copy(t: Tensor) -> Tensor:
+    """A host copy of `t`; from a GPU, into pinned memory without waiting (same-stream order keeps it safe)."""
+    if t.device.type != "cuda":
+        return t.detach().to("cpu", copy=True)
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    return host.copy_(t.detach(), non_blocking=True)
 
 
 def _state(module: nn.Module) -> tuple[Tensor, ...]:

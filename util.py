@@ -94,6 +94,7 @@ class ModelSpec(BaseModel):
     flow_quantization_dtype: Literal["qfloat8", "bfloat16", "float16"] | None = "qfloat8"
     compile_blocks: bool = False
     compile_extras: bool = False
+    cuda_graphs: bool = True  # replay the flow model's forward as a CUDA graph (CUDA, flow not offloaded)
     offload_text_encoder: bool = False
     offload_vae: bool = False
     offload_flow: bool = False

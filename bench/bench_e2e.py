@@ -75,24 +75,33 @@ def main() -> None:
     ap.add_argument("--size", default="1024x1024")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="compile blocks and extras (warm-up included)")
+    ap.add_argument("--offload", action="store_true", help="offload_text_encoder + offload_vae")
+    ap.add_argument("--text-enc-device", help="default: --device")
+    ap.add_argument("--ae-device", help="default: --device")
     ap.add_argument("--out")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
+    enc_dev, ae_dev = args.text_enc_device or args.device, args.ae_device or args.device
     cfg = json.loads((TINY if args.tiny else FULL).read_text())
     tiny = TINY.parent / "tiny"  # existing files for the config's path checks; the weights here are random
     cfg.update(
         ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
         text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), flux_device=args.device,
-        ae_device=args.device, text_enc_device=args.device, text_enc_max_length=512,
+        ae_device=ae_dev, text_enc_device=enc_dev, text_enc_max_length=512,
         text_enc_quantization_dtype=None, compile_blocks=False, compile_extras=False,
+        offload_text_encoder=args.offload, offload_vae=args.offload,
     )  # fmt: skip
     config = spec_from_dict(cfg)
     import float8_quantize as f8
 
     model = f8.quantize_flow_model(random_model(cfg["params"], args.device, torch.bfloat16), f8.F8Settings())
-    with torch.device(args.device):
+    with torch.device(ae_dev):
         ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"])).to(torch.bfloat16).eval().requires_grad_(False)
-    clip, t5 = random_encoders(args.tiny, args.device, torch.bfloat16)
+    clip, t5 = random_encoders(args.tiny, enc_dev, torch.bfloat16)
+    if args.offload:  # offloaded components live on the CPU and visit their device while they run
+        ae.to("cpu")
+        clip.hf_module.to("cpu")
+        t5.hf_module.to("cpu")
     pipe = FluxPipeline(config, model, ae, clip, t5)
     if args.compile:
         t = time.perf_counter()
@@ -100,7 +109,11 @@ def main() -> None:
         pipe.generate_images("warm-up", width, height, 2, seed=0)
         print(f"compile + warm-up {time.perf_counter() - t:.1f} s", flush=True)
     pipe.generate("warm-up", width, height, args.steps, seed=0, silent=True)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(d)
     totals, phases = [], {"text": [], "denoise": [], "decode": []}
     for rep in range(args.reps):
         sync()
@@ -124,7 +137,7 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         with torch.inference_mode():
-            out = sampling.denoise(pipe.model, img, ids, txt, tids, vec, steps, 3.5)
+            out = sampling.denoise(pipe.step_model, img, ids, txt, tids, vec, steps, 3.5)
         sync()
         phases["denoise"].append(time.perf_counter() - t)
         t = time.perf_counter()
@@ -136,6 +149,11 @@ def main() -> None:
         "size": args.size,
         "steps": args.steps,
         "compiled": args.compile,
+        "offload": args.offload,
+        "devices": {"flux": args.device, "text_enc": enc_dev, "ae": ae_dev},
+        "peak_gib_per_gpu": [torch.cuda.max_memory_allocated(d) / 2**30 for d in range(torch.cuda.device_count())]
+        if cuda
+        else [],
         "end_to_end_s": statistics.median(totals),
         **{f"{k}_s": statistics.median(v) for k, v in phases.items()},
     }

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import float8_quantize as f8  # noqa: E402
+import fp8_kernels  # noqa: E402
+from cuda_graphs import GraphedFlow  # noqa: E402
 from flux_pipeline import compile_flow_model  # noqa: E402
 from modules import flux_model, sampling  # noqa: E402
 from modules.flux_model import Flux, FluxParams, timestep_embedding  # noqa: E402
@@ -74,16 +76,20 @@ def inputs(p: dict, height: int, width: int, device: str, dtype: torch.dtype, se
 
 @contextlib.contextmanager
 def options(label: str):
-    """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization."""
-    saved = flux_model.SDPA_PRIORITY, f8._dynamic_quantizer
+    """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization with torch
+    ops; '@twopass': the MLP outputs' GELU+concat+quantization as torch ops (inductor-fused when compiled)
+    instead of the one-pass kernel."""
+    saved = flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, fp8_kernels.ONE_PASS
     if "@flash" in label:
         flux_model.SDPA_PRIORITY = [b for b in saved[0] if b != flux_model.SDPBackend.CUDNN_ATTENTION]
     if "@unfused" in label:
-        f8._dynamic_quantizer = lambda cuda: f8._dynamic_quantize
+        fp8_kernels.dynamic_quantizer = lambda cuda: fp8_kernels.dynamic_quantize
+    if "@twopass" in label:
+        fp8_kernels.ONE_PASS = False
     try:
         yield
     finally:
-        flux_model.SDPA_PRIORITY, f8._dynamic_quantizer = saved
+        flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, fp8_kernels.ONE_PASS = saved
 
 
 def sync(device: str) -> None:
@@ -112,12 +118,14 @@ def time_forward(model, x: dict, reps: int, device: str) -> float:
     return statistics.median(times)
 
 
-def measure(model, x: dict, reps: int, device: str) -> tuple[float, float]:
-    """Median ms per step and peak GiB (the model's own bytes plus what the forward allocates on top)."""
+def measure(model, x: dict, reps: int, device: str, label: str = "") -> tuple[float, float]:
+    """Median ms per step and peak GiB (the model's own bytes plus what the forward allocates on top).
+    '@graph' in the label: the forward replays as a CUDA graph (`cuda_graphs.GraphedFlow`), as the pipeline
+    runs it."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    ms = time_forward(model, x, reps, device)
+    ms = time_forward(GraphedFlow(model) if "@graph" in label else model, x, reps, device)
     peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if device.startswith("cuda") else 0
     return ms, peak / 2**30
 
@@ -215,7 +223,7 @@ def main() -> None:
     ap.add_argument(
         "--eager-extra",
         default="fp8 ch/tok@unfused,fp8 ch/tok@flash,bf16@flash",
-        help="more eager variants: a mode with '@flash' and/or '@unfused'",
+        help="more eager variants: a mode with '@flash', '@unfused', '@twopass' and/or '@graph'",
     )
     ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
     ap.add_argument("--out", default=None)
@@ -253,7 +261,7 @@ def main() -> None:
         with options(label):
             for size in sizes:
                 x = inputs(p, *size, dev, torch.bfloat16)
-                ms, peak = measure(model, x, args.reps, dev)
+                ms, peak = measure(model, x, args.reps, dev, label)
                 result["timing"][f"{label} eager {size[0]}x{size[1]}"] = {"ms": ms, "it_s": 1000 / ms, "peak_gib": peak}
         print(f"{label} eager done at {time.perf_counter() - t0:.0f} s", flush=True)
     for label in [c for c in args.compile.split(",") if c]:
@@ -267,10 +275,10 @@ def main() -> None:
                 x = inputs(p, *size, dev, torch.bfloat16)
                 t = time.perf_counter()
                 with torch.no_grad():
-                    model(**x)
+                    model(**x)  # compiles at this size
                 sync(dev)
                 first = time.perf_counter() - t
-                ms, peak = measure(model, x, args.reps, dev)
+                ms, peak = measure(model, x, args.reps, dev, label)
                 result["timing"][f"{label} compiled {size[0]}x{size[1]}"] = {
                     "ms": ms,
                     "it_s": 1000 / ms,

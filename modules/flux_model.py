@@ -156,6 +156,20 @@ def _mlp(hidden_size: int, mlp_hidden_dim: int) -> nn.Sequential:
     )
 
 
+def gelu_linear(linear: nn.Module, a: Tensor | None, b: Tensor) -> Tensor:
+    """`linear(cat((a, gelu_tanh(b)), -1))`; an fp8 layer (`F8Linear.forward_gelu_concat`) fuses the GELU, the
+    concatenation and its input quantization into one pass."""
+    fused = getattr(linear, "forward_gelu_concat", None)
+    if fused is not None:
+        return fused(a, b)
+    x = F.gelu(b, approximate="tanh")
+    return linear(x if a is None else torch.cat((a, x), dim=-1))
+
+
+def _run_mlp(mlp: nn.Sequential, x: Tensor) -> Tensor:
+    return gelu_linear(mlp[2], None, mlp[0](x))
+
+
 def _layer_norm(hidden_size: int) -> nn.LayerNorm:
     return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
 
@@ -197,9 +211,9 @@ class DoubleStreamBlock(nn.Module):
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp((1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
+        img = img + img_mod2.gate * _run_mlp(self.img_mlp, (1 + img_mod2.scale) * self.img_norm2(img) + img_mod2.shift)
         txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp((1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
+        txt = txt + txt_mod2.gate * _run_mlp(self.txt_mlp, (1 + txt_mod2.scale) * self.txt_norm2(txt) + txt_mod2.shift)
         return img, txt
 
 
@@ -224,7 +238,7 @@ class SingleStreamBlock(nn.Module):
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe=pe)
-        output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
+        output = gelu_linear(self.linear2, attn, mlp)  # = linear2(cat(attn, mlp_act(mlp)))
         return x + mod.gate * output
 
 
