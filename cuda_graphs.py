@@ -48,8 +48,9 @@ class GraphedFlow:
         self.graphs.move_to_end(key)
         for name, buffer in captured.inputs.items():
             buffer.copy_(inputs[name])
-        captured.graph.replay()
-        return captured.output.clone()  # the static buffer is overwritten by the next replay
+        with torch.cuda.device(captured.output.device):  # the model may live on another GPU than the current one
+            captured.graph.replay()
+            return captured.output.clone()  # the static buffer is overwritten by the next replay
 
     def reset(self) -> None:
         """Drop every graph (needed after the model's tensors move)."""
@@ -60,21 +61,25 @@ class GraphedFlow:
         static = {k: v.clone() for k, v in inputs.items() if v is not None}
         device = next(iter(static.values())).device
         try:
-            # warm up on a side stream first: lazy initialisation and compilation must not happen while capturing
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self.model(**static)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = self.model(**static)
+            with torch.cuda.device(device):
+                return self._capture_on(key, static, device)
         except Exception as e:  # an op that cannot be captured: this shape runs eagerly
             logger.warning(f"CUDA graph capture failed for shapes {_shapes(key)}, running eagerly: {e}")
             self.failed.add(key)
             return None
+
+    def _capture_on(self, key: tuple, static: dict[str, Tensor], device: torch.device) -> _Captured:
+        # warm up on a side stream first: lazy initialisation and compilation must not happen while capturing
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.model(**static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self.model(**static)
         if len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         captured = _Captured(graph, static, output)

@@ -141,7 +141,7 @@ def main() -> None:
         sync()
         phases["denoise"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), pipe._on(pipe.ae, pipe.ae_device, args.offload):
             pipe.decode(out, height, width)
         sync()
         phases["decode"].append(time.perf_counter() - t)

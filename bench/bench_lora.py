@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import float8_quantize as f8  # noqa: E402
+import lora_loading  # noqa: E402
 from bench.bench_flow import inputs, params, random_model  # noqa: E402
 from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
 from util import spec_from_dict  # noqa: E402
@@ -48,9 +49,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny architecture on any device (smoke test)")
     ap.add_argument("--size", default="1024x1024")
     ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--pinned", action="store_true", help="pinned host backups (lora_loading.PIN_BACKUPS)")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = args.device
+    lora_loading.PIN_BACKUPS = args.pinned
     p = params(args.tiny)
     name = "config-tiny-cpu.json" if args.tiny else "config-dev-1-H100.json"
     cfg = json.loads((ROOT / "configs" / name).read_text())
@@ -80,7 +83,8 @@ def main() -> None:
     work = Path(args.workdir)
     layers, size = lora_file(model, args.rank, 1, work / "lora_a.safetensors")
     lora_file(model, args.rank, 2, work / "lora_b.safetensors")
-    result = {"layers": layers, "lora_file_mib": size / 2**20, "rank": args.rank, "compile_s": compile_s}
+    result = {"pinned": args.pinned, "layers": layers, "lora_file_mib": size / 2**20, "rank": args.rank}
+    result["compile_s"] = compile_s
 
     def timed(label: str, fn) -> None:
         sync()

@@ -24,7 +24,7 @@ def classify(name: str) -> str:
         return "attention"
     if "gemm" in n or "cutlass" in n or "sm90_xmma" in n or "nvjet" in n or "matmul" in n:
         return "gemm"
-    if "triton" in n:
+    if "triton" in n or "quantize_kernel" in n:
         return "triton (fused elementwise/quant)"
     return "other"
 
