@@ -4,7 +4,8 @@ A compiled 1024x1024 step launches about two thousand kernels from 57 separately
 the GPU sat idle ~9 ms of a 100 ms step between them (bench/RESULTS.md). Replaying the whole forward as one
 captured graph removes those gaps. The graph reads the model's weights in place, so LoRA fusing (which
 copies into the same tensors) needs no recapture; moving the model to another device does, which is why
-the pipeline never graphs an offloaded flow model.
+the pipeline never graphs an offloaded flow model. The rotary embedding depends only on the position ids, so
+it is computed once per image outside the graph and fed in like the other inputs.
 """
 
 from collections import OrderedDict
@@ -35,8 +36,10 @@ class GraphedFlow:
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self.failed: set[tuple] = set()
         self.pool = None  # one memory pool for all graphs: they never run at the same time
+        self._pe: tuple[Tensor, Tensor, Tensor] | None = None  # (img_ids, txt_ids, their rotary embedding)
 
     def __call__(self, **inputs: Tensor | None) -> Tensor:
+        inputs = self._with_pe(inputs)
         key = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items() if v is not None)
         if key in self.failed:
             return self.model(**inputs)
@@ -52,34 +55,44 @@ class GraphedFlow:
             captured.graph.replay()
             return captured.output.clone()  # the static buffer is overwritten by the next replay
 
+    def _with_pe(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        """The rotary embedding outside the graph, once per image: the denoising loop passes the same id tensors
+        at every step (kept referenced here, so their identity cannot be reused by other tensors)."""
+        img_ids, txt_ids = inputs.pop("img_ids"), inputs.pop("txt_ids")
+        if self._pe is None or self._pe[0] is not img_ids or self._pe[1] is not txt_ids:
+            self._pe = (img_ids, txt_ids, self.model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
+        return dict(inputs, img_ids=None, txt_ids=None, pe=self._pe[2])
+
     def reset(self) -> None:
         """Drop every graph (needed after the model's tensors move)."""
         self.graphs.clear()
         self.failed.clear()
+        self._pe = None
 
     def _capture(self, key: tuple, inputs: dict[str, Tensor | None]) -> _Captured | None:
         static = {k: v.clone() for k, v in inputs.items() if v is not None}
+        absent = {k: None for k, v in inputs.items() if v is None}
         device = next(iter(static.values())).device
         try:
             with torch.cuda.device(device):
-                return self._capture_on(key, static, device)
+                return self._capture_on(key, static, absent, device)
         except Exception as e:  # an op that cannot be captured: this shape runs eagerly
             logger.warning(f"CUDA graph capture failed for shapes {_shapes(key)}, running eagerly: {e}")
             self.failed.add(key)
             return None
 
-    def _capture_on(self, key: tuple, static: dict[str, Tensor], device: torch.device) -> _Captured:
+    def _capture_on(self, key: tuple, static: dict[str, Tensor], absent: dict, device: torch.device) -> _Captured:
         # warm up on a side stream first: lazy initialisation and compilation must not happen while capturing
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self.model(**static)
+            self.model(**static, **absent)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self.model(**static)
+            output = self.model(**static, **absent)
         if len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
         captured = _Captured(graph, static, output)

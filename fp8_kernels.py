@@ -83,39 +83,71 @@ if triton is not None:
         y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 1 + tanh(u) = 2 sigmoid(2u)
         return y.to(ROUND).to(tl.float32)  # rounded to the activation dtype, as the unfused GELU is
 
+    def _configs() -> list:
+        resident = [triton.Config({"RESIDENT": True, "BLOCK": 1}, num_warps=w) for w in (8, 16, 32)]
+        looped = [
+            triton.Config({"RESIDENT": False, "BLOCK": b}, num_warps=w) for b, w in ((2048, 8), (4096, 8), (1024, 4))
+        ]
+        return resident + looped
+
+    def _prune(configs, named_args, **kwargs):
+        # a row held in registers only while it is small enough (FLUX: 3072 + 12288 at most)
+        args = {**named_args, **kwargs}
+        small = args["BLOCK_A"] + args["BLOCK_B"] <= 32768
+        return [c for c in configs if small or not c.kwargs["RESIDENT"]]
+
+    # The configurations differ in speed only: every one computes the same values bit for bit.
+    @triton.autotune(configs=_configs(), key=["KA", "KB"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gelu_concat_quantize_kernel(
         a_ptr, b_ptr, q_ptr, s_ptr, a_stride, b_stride, KA, KB,
-        HAS_A: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_A: tl.constexpr, ROUND: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+        RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
         a_row = a_ptr + row * a_stride
         b_row = b_ptr + row * b_stride
         q_row = q_ptr + row * (KA + KB)
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_A:
-            for start in range(0, KA, BLOCK):
-                mask = start + cols < KA
-                x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
-        for start in range(0, KB, BLOCK):
-            mask = start + cols < KB
-            x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
-        tl.store(s_ptr + row, scale)
-        if HAS_A:
-            for start in range(0, KA, BLOCK):
-                mask = start + cols < KA
-                x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDENT:  # the whole row in registers: one read
+            cb = tl.arange(0, BLOCK_B)
+            xb = _gelu_tanh(tl.load(b_row + cb, mask=cb < KB, other=0.0).to(tl.float32), ROUND)
+            amax = tl.max(tl.abs(xb), axis=0)
+            if HAS_A:
+                ca = tl.arange(0, BLOCK_A)
+                xa = tl.load(a_row + ca, mask=ca < KA, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=0))
+            scale = tl.maximum(amax / 448.0, 1e-12)
+            tl.store(s_ptr + row, scale)
+            if HAS_A:
+                qa = tl.minimum(tl.maximum(xa / scale, -448.0), 448.0)
+                tl.store(q_row + ca, qa.to(tl.float8e4nv), mask=ca < KA)
+            qb = tl.minimum(tl.maximum(xb / scale, -448.0), 448.0)
+            tl.store(q_row + KA + cb, qb.to(tl.float8e4nv), mask=cb < KB)
+        else:  # chunks: the second read comes from cache
+            cols = tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK], dtype=tl.float32)
+            if HAS_A:
+                for start in range(0, KA, BLOCK):
+                    mask = start + cols < KA
+                    x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    acc = tl.maximum(acc, tl.abs(x))
+            for start in range(0, KB, BLOCK):
+                mask = start + cols < KB
+                x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
+                acc = tl.maximum(acc, tl.abs(x))
+            scale = tl.maximum(tl.max(acc, axis=0) / 448.0, 1e-12)
+            tl.store(s_ptr + row, scale)
+            if HAS_A:
+                for start in range(0, KA, BLOCK):
+                    mask = start + cols < KA
+                    x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+                    tl.store(q_row + start + cols, q.to(tl.float8e4nv), mask=mask)
+            for start in range(0, KB, BLOCK):
+                mask = start + cols < KB
+                x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
                 q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-                tl.store(q_row + start + cols, q.to(tl.float8e4nv), mask=mask)
-        for start in range(0, KB, BLOCK):
-            mask = start + cols < KB
-            x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
-            q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-            tl.store(q_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
+                tl.store(q_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
 
     def _rows(x: Tensor) -> Tensor:
         x = x.reshape(-1, x.shape[-1])  # a view when the rows are evenly strided (split outputs are)
@@ -132,8 +164,8 @@ if triton is not None:
         if m:
             with torch.cuda.device(b.device):
                 _gelu_concat_quantize_kernel[(m,)](
-                    a2, b2, q, scale, a2.stride(0), b2.stride(0), ka, kb,
-                    HAS_A=a is not None, ROUND=_ROUND[b.dtype], BLOCK=2048, num_warps=8,
+                    a2, b2, q, scale, a2.stride(0), b2.stride(0), ka, kb, HAS_A=a is not None, ROUND=_ROUND[b.dtype],
+                    BLOCK_A=triton.next_power_of_2(max(ka, 1)), BLOCK_B=triton.next_power_of_2(kb),
                 )  # fmt: skip
         return q, scale
 

@@ -225,6 +225,8 @@ def main() -> None:
         default="fp8 ch/tok@unfused,fp8 ch/tok@flash,bf16@flash",
         help="more eager variants: a mode with '@flash', '@unfused', '@twopass' and/or '@graph'",
     )
+    ap.add_argument("--modes", default=",".join(MODES), help="fp8 modes to build (accuracy and eager timing)")
+    ap.add_argument("--eager", default=None, help="variants to time eagerly (default: every built one)")
     ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -242,6 +244,8 @@ def main() -> None:
     bf16 = random_model(p, dev, torch.bfloat16)
     variants = {"bf16": bf16}
     for name, (w, a, fast) in MODES.items():
+        if name not in args.modes.split(","):
+            continue
         model = f8.quantize_flow_model(copy.deepcopy(bf16), f8.F8Settings(w, a), fast_accum=fast)
         if a == "static_per_tensor":
             f8.calibrate(model, torch.bfloat16)
@@ -256,6 +260,8 @@ def main() -> None:
     print(f"accuracy done at {time.perf_counter() - t0:.0f} s", flush=True)
 
     eager = [*variants, *[e for e in args.eager_extra.split(",") if e]]
+    if args.eager is not None:
+        eager = [e for e in args.eager.split(",") if e]
     for label in eager:
         model = variants[label.split("@")[0]]
         with options(label):

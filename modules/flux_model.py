@@ -301,7 +301,10 @@ class Flux(nn.Module):
         timesteps: Tensor,
         y: Tensor,
         guidance: Tensor | None = None,
+        pe: Tensor | None = None,
     ) -> Tensor:
+        """`pe`: the rotary embedding of the ids, if the caller computed it already (it depends only on the ids,
+        which stay the same for every step of an image); the ids are then not read."""
         if img.ndim != 3 or txt.ndim != 3:
             raise ValueError("img and txt must be (batch, tokens, channels)")
         dtype = self.dtype
@@ -315,8 +318,8 @@ class Flux(nn.Module):
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
 
-        ids = torch.cat((txt_ids, img_ids), dim=1)
-        pe = self.pe_embedder(ids)
+        if pe is None:
+            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         img = self._blocks(img, txt, vec, pe)
         return self.final_layer(img, vec)  # (B, L_img, in_channels)
 

@@ -150,3 +150,17 @@ def test_bfloat16_is_not_clamped(flow_params):
     with torch.no_grad():
         model(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in random_inputs(flow_params).items()})
     assert seen[0] > 32000  # 50000 rounded to bf16
+
+
+def test_precomputed_rotary_embedding_gives_the_same_output(flow_params, fp32_checkpoint):
+    """CUDA graph replay passes `pe` computed once per image instead of the ids: same output, ids unused."""
+    model = Flux(FluxParams(**flow_params))
+    model.load_state_dict(fp32_checkpoint[1])
+    x = random_inputs(flow_params)
+    pe = model.pe_embedder(torch.cat((x["txt_ids"], x["img_ids"]), dim=1))
+    with torch.no_grad():
+        reference = model(**x)
+        given = model(**dict(x, img_ids=None, txt_ids=None), pe=pe)
+        other = model(**x, pe=model.pe_embedder(torch.cat((x["txt_ids"], x["img_ids"] + 5), dim=1)))
+    assert torch.equal(given, reference)
+    assert not torch.equal(other, reference)  # the embedding given is the one used

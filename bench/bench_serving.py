@@ -1,0 +1,193 @@
+"""Serving benchmarks on full-size random checkpoints written to disk: start-up to first image, and replicas.
+
+    python bench/bench_serving.py --workdir /tmp/fluxbench --out $OUT/serving.json
+
+1. Writes a full-size random FLUX.1-dev checkpoint set the way users have it on disk: a prequantized fp8 flow
+   model (`float8_quantize.py`'s format), a BFL autoencoder file, and T5-XXL and CLIP-L as `transformers`
+   folders (the tiny demo's tokenizers), plus a config (`configs/config-dev-1-H100.json` with these paths and
+   `prequantized_flow: true`; compile on, T5 qfloat8 as shipped).
+2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile and warm-up, one 28-step
+   1024x1024 image, exit), timed from process start to exit, with an empty compile cache and again with the
+   cache the first run left.
+3. Replicas: `replicas.py` with one, then two GPUs; a bounded load test from 127.0.0.1 (`--per-replica`
+   clients per replica, each sending 1024x1024 28-step requests to the replica with the fewest requests in
+   flight, as nginx `least_conn` does) for `--seconds`; images per minute.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+REQUEST = {"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 1024, "num_steps": 28}
+
+
+def write_files(work: Path) -> Path:
+    """The checkpoint set and its config; returns the config path (kept if it exists)."""
+    config_path = work / "config.json"
+    if config_path.exists():
+        return config_path
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    import float8_quantize as f8
+    from bench.bench_e2e import random_encoders
+    from bench.bench_flow import random_model
+    from modules.autoencoder import AutoEncoder, AutoEncoderParams
+    from util import spec_from_dict
+
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((ROOT / "configs" / "config-dev-1-H100.json").read_text())
+    cfg.update(
+        ckpt_path=str(work / "flux1-dev-fp8.safetensors"), ae_path=str(work / "ae.safetensors"),
+        text_enc_path=str(work / "t5"), clip_path=str(work / "clip"), prequantized_flow=True,
+    )  # fmt: skip
+    t = time.perf_counter()
+    model = f8.quantize_flow_model(random_model(cfg["params"], "cuda", torch.bfloat16), f8.F8Settings())
+    f8.save_prequantized(model, spec_from_dict(cfg), cfg["ckpt_path"])
+    del model
+    torch.manual_seed(0)
+    ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"]))
+    save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, cfg["ae_path"])
+    clip, t5 = random_encoders(False, "cuda", torch.bfloat16)
+    for name, embedder in (("t5", t5), ("clip", clip)):
+        embedder.hf_module.save_pretrained(work / name)
+        AutoTokenizer.from_pretrained(ROOT / "configs" / "tiny" / name).save_pretrained(work / name)
+    del clip, t5
+    torch.cuda.empty_cache()
+    config_path.write_text(json.dumps(cfg, indent=2))
+    print(f"wrote the checkpoint set to {work} in {time.perf_counter() - t:.0f} s", flush=True)
+    return config_path
+
+
+def cache_env(cache: Path) -> dict[str, str]:
+    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
+
+
+def startup(config: Path, cache: Path, log: Path) -> float:
+    """Seconds from process start to exit of a one-image run (load, compile + warm-up, 28 steps, JPEG)."""
+    env = cache_env(cache)
+    out = log.with_suffix(".jpg")
+    cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--prompt", REQUEST["prompt"], "--output",
+           str(out), "--width", "1024", "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
+    t = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=400).returncode
+    elapsed = time.perf_counter() - t
+    if code != 0 or not out.exists():
+        raise SystemExit(f"one-image run failed ({code}); see {log}")
+    return elapsed
+
+
+def load_test(
+    config: Path, devices: list[str], port: int, per_replica: int, seconds: float, log: Path, cache: Path
+) -> dict:
+    cmd = [sys.executable, str(ROOT / "replicas.py"), "--devices", ",".join(devices), "--base-port", str(port),
+           "--", "-c", str(config)]  # fmt: skip
+    t = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=cache_env(cache))
+    try:
+        line = proc.stdout.readline()
+        if "ready" not in line:
+            raise SystemExit(f"replicas did not start: {line!r}; see {log}")
+        ready_s = time.perf_counter() - t
+        urls = [f"http://127.0.0.1:{port + i}" for i in range(len(devices))]
+        in_flight = dict.fromkeys(urls, 0)
+        lock = threading.Lock()
+        done, failed, latencies = [], [], []
+        deadline = time.monotonic() + seconds
+
+        def client(k: int) -> None:
+            seed = 1000 * k
+            with httpx.Client(timeout=120) as http:
+                while time.monotonic() < deadline:  # bounded: no request starts after the deadline
+                    with lock:
+                        url = min(urls, key=lambda u: in_flight[u])  # least connections
+                        in_flight[url] += 1
+                    start = time.monotonic()
+                    try:
+                        r = http.post(f"{url}/generate", json=dict(REQUEST, seed=seed))
+                        ok = r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+                    except httpx.HTTPError:
+                        ok = False
+                    finally:
+                        with lock:
+                            in_flight[url] -= 1
+                    end = time.monotonic()
+                    (done if ok else failed).append(end)
+                    latencies.append(end - start)
+                    seed += 1
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(per_replica * len(devices))]
+        begin = time.monotonic()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(seconds + 300)
+        window = max(done) - begin if done else seconds
+        return {
+            "replicas": len(devices),
+            "clients": len(threads),
+            "ready_s": ready_s,
+            "images": len(done),
+            "failed": len(failed),
+            "window_s": window,
+            "images_per_min": 60 * len(done) / window,
+            "median_latency_s": sorted(latencies)[len(latencies) // 2] if latencies else None,
+        }
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/fluxbench")
+    ap.add_argument("--skip-startup", action="store_true")
+    ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--per-replica", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    config = write_files(work)
+    result = {"request": REQUEST}
+    cache = work / f"cache-{int(time.time())}"  # empty: the first start-up compiles from scratch
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+
+    if not args.skip_startup:
+        result["startup_cold_cache_s"] = startup(config, cache, work / "startup-cold.log")
+        save()
+        result["startup_warm_cache_s"] = startup(config, cache, work / "startup-warm.log")
+        save()
+    for n in range(1, args.gpus + 1):
+        devices = [f"cuda:{i}" for i in range(n)]
+        log = work / f"replicas-{n}.log"
+        result[f"replicas_{n}"] = load_test(config, devices, 8300, args.per_replica, args.seconds, log, cache)
+        save()
+    if args.gpus >= 2:
+        result["scaling"] = result[f"replicas_{args.gpus}"]["images_per_min"] / result["replicas_1"]["images_per_min"]
+    save()
+
+
+if __name__ == "__main__":
+    main()
