@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 REQUEST = {"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 1024, "num_steps": 28}
 
 
-def write_files(work: Path) -> Path:
-    """The checkpoint set and its config; returns the config path (kept if it exists)."""
+def write_files(work: Path, device: str = "cuda", tiny_model: bool = False) -> Path:
+    """The checkpoint set and its config; returns the config path (kept if it exists). `tiny_model`: the demo's
+    architecture (a smoke test of this script)."""
     config_path = work / "config.json"
     if config_path.exists():
         return config_path
@@ -48,24 +49,30 @@ def write_files(work: Path) -> Path:
     from util import spec_from_dict
 
     work.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((ROOT / "configs" / "config-dev-1-H100.json").read_text())
+    cfg = json.loads(
+        (ROOT / "configs" / ("config-tiny-cpu.json" if tiny_model else "config-dev-1-H100.json")).read_text()
+    )
     cfg.update(
         ckpt_path=str(work / "flux1-dev-fp8.safetensors"), ae_path=str(work / "ae.safetensors"),
         text_enc_path=str(work / "t5"), clip_path=str(work / "clip"), prequantized_flow=True,
     )  # fmt: skip
     t = time.perf_counter()
-    model = f8.quantize_flow_model(random_model(cfg["params"], "cuda", torch.bfloat16), f8.F8Settings())
-    f8.save_prequantized(model, spec_from_dict(cfg), cfg["ckpt_path"])
+    model = f8.quantize_flow_model(random_model(cfg["params"], device, torch.bfloat16), f8.F8Settings())
+    tiny = ROOT / "configs" / "tiny"  # existing paths for the config check; the metadata is the same
+    spec = spec_from_dict(
+        dict(cfg, ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
+             text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), prequantized_flow=False)
+    )  # fmt: skip
+    f8.save_prequantized(model, spec, cfg["ckpt_path"])
     del model
     torch.manual_seed(0)
     ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"]))
     save_file({k: v.contiguous() for k, v in ae.state_dict().items()}, cfg["ae_path"])
-    clip, t5 = random_encoders(False, "cuda", torch.bfloat16)
+    clip, t5 = random_encoders(tiny_model, device, torch.bfloat16)
     for name, embedder in (("t5", t5), ("clip", clip)):
         embedder.hf_module.save_pretrained(work / name)
         AutoTokenizer.from_pretrained(ROOT / "configs" / "tiny" / name).save_pretrained(work / name)
     del clip, t5
-    torch.cuda.empty_cache()
     config_path.write_text(json.dumps(cfg, indent=2))
     print(f"wrote the checkpoint set to {work} in {time.perf_counter() - t:.0f} s", flush=True)
     return config_path
