@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
     ap.add_argument("--per-replica", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--replica-overrides", default="{}", help="JSON config keys for the replicas (e.g. compile off)")
     ap.add_argument("--out")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -186,6 +187,12 @@ def main() -> None:
         save()
         result["startup_warm_cache_s"] = startup(config, cache, work / "startup-warm.log")
         save()
+    overrides = json.loads(args.replica_overrides)
+    if overrides:
+        result["replica_overrides"] = overrides
+        replica_config = work / "config-replicas.json"
+        replica_config.write_text(json.dumps(dict(json.loads(config.read_text()), **overrides), indent=2))
+        config = replica_config
     for n in range(1, args.gpus + 1):
         devices = [f"cuda:{i}" for i in range(n)]
         log = work / f"replicas-{n}.log"
