@@ -138,6 +138,21 @@ class FluxPipeline:
             )
         return name
 
+    def prepare_loras(self) -> None:
+        """Copy every linear layer's pristine weights to host memory now, so that no LoRA load pays for it later.
+
+        LoRA fusing needs these copies to restore the exact weights; taken on demand, the first LoRA covering the
+        whole model waits for all of them (11 s on an H200). The server takes them at start-up with `--lora-dir`.
+        Costs host memory the size of the flow model's linear weights (11 GiB in fp8 for FLUX.1)."""
+        with self.lock:
+            start = time.perf_counter()
+            taken = self.loras.back_up()
+            size = sum(t.numel() * t.element_size() for ts in self.loras.pristine.values() for t in ts)
+            logger.info(
+                f"LoRA backups: {taken} layers copied to host memory in {time.perf_counter() - start:.1f} s "
+                f"({size / 2**30:.2f} GiB held)"
+            )
+
     def unload_lora(self, name_or_path: str) -> None:
         with self.lock:
             match = [n for n, lora in self.loras.loaded.items() if name_or_path in (n, lora.path)]

@@ -306,6 +306,18 @@ class LoraFuser:
         return lora
 
     @torch.no_grad()
+    def back_up(self) -> int:
+        """Take the pristine copies of every linear layer now (those not taken yet); returns how many."""
+        taken = 0
+        for name, module in self.modules().items():
+            if isinstance(module, (nn.Linear, F8Linear)) and name not in self.pristine and name not in self.dirty:
+                self.pristine[name] = tuple(_host_copy(t) for t in _state(module))
+                taken += 1
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return taken
+
+    @torch.no_grad()
     def _refresh(self, names: set[str]) -> None:
         modules = self.modules()
         for name in sorted(names):

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # first-call costs (kernels, allocator) paid here
     logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
+    if args.lora_dir:  # LoRA requests will come: pay for the pristine weight copies now, not on the first one
+        pipeline.prepare_loras()
     app = create_app(pipeline, ServerSettings(args.max_queue_size, args.api_key, args.lora_dir))
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     logger.info(f"serving on http://{args.host}:{args.port}" + (" (API key required)" if args.api_key else ""))

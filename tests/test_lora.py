@@ -244,6 +244,35 @@ def test_fp8_unload_restores_bit_identical_outputs(tiny_cfg, flow_params, tmp_pa
     assert all(torch.equal(v, state[k]) for k, v in weights(pipe).items())
 
 
+def test_prepared_backups_serve_every_later_load_exactly(tiny_cfg, flow_params):
+    """prepare_loras() copies every linear once; loads after it take no copies and unloads stay exact."""
+    import float8_quantize as f8
+
+    pipe = FluxPipeline.load_pipeline_from_config(tiny_cfg)
+    linears = [n for n, m in pipe.model.named_modules() if isinstance(m, (torch.nn.Linear, f8.F8Linear))]
+    pipe.prepare_loras()
+    assert sorted(pipe.loras.pristine) == sorted(linears)
+    copies = {n: [t.data_ptr() for t in ts] for n, ts in pipe.loras.pristine.items()}
+    g = torch.Generator().manual_seed(4)
+    h = flow_params["hidden_size"]
+    lora = {
+        "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, h, generator=g),
+        "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * h, 4, generator=g),
+        "final_layer.linear.lora_A.weight": torch.randn(4, h, generator=g),
+        "final_layer.linear.lora_B.weight": torch.randn(flow_params["in_channels"], 4, generator=g),
+    }
+    inputs = random_inputs(flow_params)
+    with torch.no_grad():
+        before = pipe.model(**inputs)
+        pipe.load_lora(lora, scale=1.0, name="x")
+        assert not torch.equal(pipe.model(**inputs), before)
+        pipe.unload_lora("x")
+        assert torch.equal(pipe.model(**inputs), before)
+    assert {n: [t.data_ptr() for t in ts] for n, ts in pipe.loras.pristine.items()} == copies  # none taken again
+    pipe.prepare_loras()  # idempotent
+    assert len(pipe.loras.pristine) == len(linears)
+
+
 def test_errors(tiny_cfg, base, tmp_path):
     pipe = make_pipeline(tiny_cfg, base)
     with pytest.raises(LoraNotLoaded):
