@@ -20,14 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_flow import random_model  # noqa: E402
+from bench.bench_flow import random_model, random_weights_config  # noqa: E402
 from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
 from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from modules.conditioner import HFEmbedder  # noqa: E402
 from util import spec_from_dict  # noqa: E402
-
-TINY = ROOT / "configs" / "config-tiny-cpu.json"
-FULL = ROOT / "configs" / "config-dev-1-H100.json"
 
 
 def random_encoders(tiny: bool, device: str, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
@@ -82,12 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     enc_dev, ae_dev = args.text_enc_device or args.device, args.ae_device or args.device
-    cfg = json.loads((TINY if args.tiny else FULL).read_text())
-    tiny = TINY.parent / "tiny"  # existing files for the config's path checks; the weights here are random
-    cfg.update(
-        ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
-        text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), flux_device=args.device,
-        ae_device=ae_dev, text_enc_device=enc_dev, text_enc_max_length=512,
+    cfg = random_weights_config(
+        args.tiny, flux_device=args.device, ae_device=ae_dev, text_enc_device=enc_dev, text_enc_max_length=512,
         text_enc_quantization_dtype=None, compile_blocks=False, compile_extras=False,
         offload_text_encoder=args.offload, offload_vae=args.offload,
     )  # fmt: skip

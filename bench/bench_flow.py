@@ -41,9 +41,25 @@ MODES = {  # name: (weight scaling, activation scaling, fast accumulation)
 }
 
 
-def params(tiny: bool) -> dict:
+def architecture_config(tiny: bool) -> dict:
+    """The shipped config of the tiny demo or of full-size FLUX.1-dev, as a dict."""
     name = "config-tiny-cpu.json" if tiny else "config-dev-1-H100.json"
-    return json.loads((ROOT / "configs" / name).read_text())["params"]
+    return json.loads((ROOT / "configs" / name).read_text())
+
+
+def params(tiny: bool) -> dict:
+    return architecture_config(tiny)["params"]
+
+
+def random_weights_config(tiny: bool, **overrides) -> dict:
+    """A config for a pipeline the benchmark fills with random weights itself: its file paths name the demo's
+    files, which exist, so the config's path checks pass."""
+    files = ROOT / "configs" / "tiny"
+    return dict(
+        architecture_config(tiny), ckpt_path=str(files / "flux-tiny.safetensors"),
+        ae_path=str(files / "ae-tiny.safetensors"), text_enc_path=str(files / "t5"), clip_path=str(files / "clip"),
+        **overrides,
+    )  # fmt: skip
 
 
 @torch.no_grad()

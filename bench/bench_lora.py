@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import float8_quantize as f8  # noqa: E402
 import lora_loading  # noqa: E402
-from bench.bench_flow import inputs, params, random_model  # noqa: E402
+from bench.bench_flow import inputs, params, random_model, random_weights_config  # noqa: E402
 from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
 from util import spec_from_dict  # noqa: E402
 
@@ -57,14 +57,7 @@ def main() -> None:
     dev = args.device
     lora_loading.PIN_BACKUPS = not args.pageable
     p = params(args.tiny)
-    name = "config-tiny-cpu.json" if args.tiny else "config-dev-1-H100.json"
-    cfg = json.loads((ROOT / "configs" / name).read_text())
-    tiny = ROOT / "configs" / "tiny"
-    cfg.update(
-        ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
-        text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), flux_device=dev, ae_device=dev,
-        text_enc_device=dev,
-    )  # fmt: skip
+    cfg = random_weights_config(args.tiny, flux_device=dev, ae_device=dev, text_enc_device=dev)
     model = f8.quantize_flow_model(random_model(p, dev, torch.bfloat16), f8.F8Settings())
     pipe = FluxPipeline(spec_from_dict(cfg), model, None, None, None)
     compile_flow_model(model)

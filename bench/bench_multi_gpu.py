@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import float8_quantize as f8  # noqa: E402
-from bench.bench_e2e import FULL, TINY, random_encoders  # noqa: E402
-from bench.bench_flow import random_model  # noqa: E402
+from bench.bench_e2e import random_encoders  # noqa: E402
+from bench.bench_flow import random_model, random_weights_config  # noqa: E402
 from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
 from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
 from util import spec_from_dict  # noqa: E402
@@ -44,12 +44,9 @@ def main() -> None:
     args = ap.parse_args()
     placements = [p.split("/") for p in args.placements.split(",")]
     width, height = (int(v) for v in args.size.split("x"))
-    cfg = json.loads((TINY if args.tiny else FULL).read_text())
-    tiny = TINY.parent / "tiny"
-    cfg.update(
-        ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
-        text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), text_enc_max_length=512,
-        text_enc_quantization_dtype=None, compile_blocks=False, compile_extras=False,
+    cfg = random_weights_config(
+        args.tiny, text_enc_max_length=512, text_enc_quantization_dtype=None, compile_blocks=False,
+        compile_extras=False,
     )  # fmt: skip
     first = placements[0]
     torch.manual_seed(0)

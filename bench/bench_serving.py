@@ -44,26 +44,20 @@ def write_files(work: Path, device: str = "cuda", tiny_model: bool = False) -> P
 
     import float8_quantize as f8
     from bench.bench_e2e import random_encoders
-    from bench.bench_flow import random_model
+    from bench.bench_flow import architecture_config, random_model, random_weights_config
     from modules.autoencoder import AutoEncoder, AutoEncoderParams
     from util import spec_from_dict
 
     work.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads(
-        (ROOT / "configs" / ("config-tiny-cpu.json" if tiny_model else "config-dev-1-H100.json")).read_text()
-    )
+    cfg = architecture_config(tiny_model)
     cfg.update(
         ckpt_path=str(work / "flux1-dev-fp8.safetensors"), ae_path=str(work / "ae.safetensors"),
         text_enc_path=str(work / "t5"), clip_path=str(work / "clip"), prequantized_flow=True,
     )  # fmt: skip
     t = time.perf_counter()
     model = f8.quantize_flow_model(random_model(cfg["params"], device, torch.bfloat16), f8.F8Settings())
-    tiny = ROOT / "configs" / "tiny"  # existing paths for the config check; the metadata is the same
-    spec = spec_from_dict(
-        dict(cfg, ckpt_path=str(tiny / "flux-tiny.safetensors"), ae_path=str(tiny / "ae-tiny.safetensors"),
-             text_enc_path=str(tiny / "t5"), clip_path=str(tiny / "clip"), prequantized_flow=False)
-    )  # fmt: skip
-    f8.save_prequantized(model, spec, cfg["ckpt_path"])
+    # the metadata needs a validated config before the files it names exist
+    f8.save_prequantized(model, spec_from_dict(random_weights_config(tiny_model)), cfg["ckpt_path"])
     del model
     torch.manual_seed(0)
     ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"]))
