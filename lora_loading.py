@@ -265,7 +265,7 @@ class LoraFuser:
 
     A layer's pristine tensors are copied to (pinned) host memory the first time a LoRA touches it and kept
     from then on, so later loads, swaps and unloads move no weights off the GPU. Layers that hold their
-    pristine values (`clean`) are read in place: a swap uploads nothing either.
+    pristine values (not in `dirty`) are read in place: a swap uploads nothing either.
     """
 
     model: nn.Module
@@ -310,12 +310,16 @@ class LoraFuser:
         """Take the pristine copies of every linear layer now (those not taken yet); returns how many."""
         taken = 0
         for name, module in self.modules().items():
-            if isinstance(module, (nn.Linear, F8Linear)) and name not in self.pristine and name not in self.dirty:
-                self.pristine[name] = tuple(_host_copy(t) for t in _state(module))
+            if isinstance(module, (nn.Linear, F8Linear)) and name not in self.pristine:
+                self._keep_pristine(name, _state(module))
                 taken += 1
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return taken
+
+    def _keep_pristine(self, name: str, state: tuple[Tensor, ...]) -> None:
+        assert name not in self.dirty  # a dirty layer always has its copy: it was taken before the first change
+        self.pristine[name] = tuple(_host_copy(t) for t in state)
 
     @torch.no_grad()
     def _refresh(self, names: set[str]) -> None:
@@ -324,7 +328,7 @@ class LoraFuser:
             module = modules[name]
             state = _state(module)
             if name not in self.pristine:
-                self.pristine[name] = tuple(_host_copy(t) for t in state)
+                self._keep_pristine(name, state)
             parts = [(p, lora.scale) for lora in self.loaded.values() for p in lora.deltas.get(name, [])]
             if not parts:  # nothing left on this layer: the exact original tensors
                 if name in self.dirty:

@@ -16,6 +16,12 @@ from util import ModelSpec, load_flow_model
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture
+def cuda_cfg(tiny_cfg) -> dict:
+    """The demo config with every component on the first GPU."""
+    return dict(tiny_cfg, flux_device="cuda:0", ae_device="cuda:0", text_enc_device="cuda:0")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("weight_scaling,activation_scaling", MODES)
 @pytest.mark.parametrize("fast_accum", [False, True])
@@ -61,11 +67,10 @@ def test_load_to_fp8_on_cuda_peak_memory(tmp_path, tiny_cfg):
     assert model.double_blocks[0].img_attn.qkv.weight.dtype == f8.E4M3
 
 
-def test_tiny_pipeline_on_cuda_is_deterministic(tiny_cfg):
+def test_tiny_pipeline_on_cuda_is_deterministic(cuda_cfg):
     from flux_pipeline import FluxPipeline
 
-    cfg = dict(tiny_cfg, flux_device="cuda:0", ae_device="cuda:0", text_enc_device="cuda:0")
-    pipe = FluxPipeline.load_pipeline_from_config(cfg)
+    pipe = FluxPipeline.load_pipeline_from_config(cuda_cfg)
     hashes = {
         hashlib.sha256(pipe.generate("a fox", 256, 256, 4, seed=3, silent=True).getvalue()).hexdigest()
         for _ in range(2)
@@ -73,14 +78,11 @@ def test_tiny_pipeline_on_cuda_is_deterministic(tiny_cfg):
     assert len(hashes) == 1
 
 
-def test_offload_round_trip_on_cuda(tiny_cfg):
+def test_offload_round_trip_on_cuda(cuda_cfg):
     from flux_pipeline import FluxPipeline
 
     cfg = dict(
-        tiny_cfg,
-        flux_device="cuda:0",
-        ae_device="cuda:0",
-        text_enc_device="cuda:0",
+        cuda_cfg,
         offload_text_encoder=True,
         offload_vae=True,
         offload_flow=True,
@@ -98,16 +100,13 @@ def test_offload_round_trip_on_cuda(tiny_cfg):
         assert all(p.device.type == "cpu" for p in module.parameters())
 
 
-def test_compile_at_load_then_no_recompile_across_sizes(tiny_cfg):
+def test_compile_at_load_then_no_recompile_across_sizes(cuda_cfg):
     from torch._dynamo.utils import counters
 
     from flux_pipeline import FluxPipeline
 
     cfg = dict(
-        tiny_cfg,
-        flux_device="cuda:0",
-        ae_device="cuda:0",
-        text_enc_device="cuda:0",
+        cuda_cfg,
         compile_blocks=True,
         compile_extras=True,
     )
@@ -119,14 +118,12 @@ def test_compile_at_load_then_no_recompile_across_sizes(tiny_cfg):
 
 
 @pytest.mark.parametrize("quant", ["qint4", "qint8"])
-def test_bitsandbytes_text_encoder(tiny_cfg, quant):
+def test_bitsandbytes_text_encoder(cuda_cfg, quant):
     import bitsandbytes  # noqa: F401 - carried to the GPU machine with device-wheels.sh --with-bnb
 
     from flux_pipeline import FluxPipeline
 
-    cfg = dict(
-        tiny_cfg, flux_device="cuda:0", ae_device="cuda:0", text_enc_device="cuda:0", text_enc_quantization_dtype=quant
-    )
+    cfg = dict(cuda_cfg, text_enc_quantization_dtype=quant)
     pipe = FluxPipeline.load_pipeline_from_config(cfg)
     assert pipe.generate("a fox", 128, 128, 2, seed=1, silent=True).getvalue()
 
@@ -178,15 +175,14 @@ def _random_bfl_lora(model, rank: int = 4, seed: int = 0) -> dict[str, torch.Ten
     return sd
 
 
-def test_cuda_graph_replay_matches_eager_and_follows_loras(tiny_cfg):
+def test_cuda_graph_replay_matches_eager_and_follows_loras(cuda_cfg):
     import numpy as np
 
     from cuda_graphs import GraphedFlow
     from flux_pipeline import FluxPipeline
 
-    cfg = dict(tiny_cfg, flux_device="cuda:0", ae_device="cuda:0", text_enc_device="cuda:0")
-    graphed = FluxPipeline.load_pipeline_from_config(cfg)
-    eager = FluxPipeline.load_pipeline_from_config(dict(cfg, cuda_graphs=False))
+    graphed = FluxPipeline.load_pipeline_from_config(cuda_cfg)
+    eager = FluxPipeline.load_pipeline_from_config(dict(cuda_cfg, cuda_graphs=False))
     assert isinstance(graphed.step_model, GraphedFlow) and eager.step_model is eager.model
 
     def pixels(pipe, seed=3):
@@ -202,4 +198,4 @@ def test_cuda_graph_replay_matches_eager_and_follows_loras(tiny_cfg):
     assert len(graphed.step_model.graphs) == 1
     graphed.unload_lora("r")
     assert not np.array_equal(with_lora, pixels(graphed))
-    assert np.array_equal(pixels(graphed, seed=4), pixels(FluxPipeline.load_pipeline_from_config(cfg), seed=4))
+    assert np.array_equal(pixels(graphed, seed=4), pixels(FluxPipeline.load_pipeline_from_config(cuda_cfg), seed=4))
