@@ -153,14 +153,13 @@ class F8Linear(nn.Module):
             return nn.functional.linear(x.to(self.out_dtype), w, bias).reshape(*shape[:-1], self.out_features)
         return self._matmul(*self._quantize_input(x)).reshape(*shape[:-1], self.out_features)
 
-    def fuses_gelu_concat(self, b: Tensor) -> bool:
-        """Whether `forward_gelu_concat` can take `b`: per-token fp8 on CUDA."""
-        per_token = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
-        return per_token and fp8_kernels.available(b)
-
     def forward_gelu_concat(self, a: Tensor | None, b: Tensor) -> Tensor:
-        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None) with the GELU, the concatenation and the
-        quantization in one pass over the activations (`fp8_kernels`); only where `fuses_gelu_concat(b)`."""
+        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None). With per-token scaling on CUDA, the GELU, the
+        concatenation and the quantization are one pass over the activations (`fp8_kernels`)."""
+        fused = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
+        if not (fused and fp8_kernels.available(b)):
+            x = nn.functional.gelu(b, approximate="tanh")
+            return self(x if a is None else torch.cat((a, x), dim=-1))
         return self._matmul(*fp8_kernels.gelu_concat_quantize(a, b)).reshape(*b.shape[:-1], self.out_features)
 
     def _matmul(self, xq: Tensor, scale_a: Tensor) -> Tensor:

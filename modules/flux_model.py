@@ -159,9 +159,9 @@ def _mlp(hidden_size: int, mlp_hidden_dim: int) -> nn.Sequential:
 def gelu_linear(linear: nn.Module, a: Tensor | None, b: Tensor) -> Tensor:
     """`linear(cat((a, gelu_tanh(b)), -1))`; an fp8 layer (`F8Linear.forward_gelu_concat`) fuses the GELU, the
     concatenation and its input quantization into one pass."""
-    fuses = getattr(linear, "fuses_gelu_concat", None)
-    if fuses is not None and fuses(b):
-        return linear.forward_gelu_concat(a, b)
+    fused = getattr(linear, "forward_gelu_concat", None)
+    if fused is not None:
+        return fused(a, b)
     x = F.gelu(b, approximate="tanh")
     return linear(x if a is None else torch.cat((a, x), dim=-1))
 
