@@ -55,6 +55,9 @@ class GraphedFlow:
             captured.graph.replay()
             return captured.output.clone()  # the static buffer is overwritten by the next replay
 
+    def modulation_table(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+        return self.model.modulation_table(timesteps, y, guidance)  # outside the graph: once per image
+
     def _with_pe(self, inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         """The rotary embedding outside the graph, once per image: the denoising loop passes the same id tensors
         at every step (kept referenced here, so their identity cannot be reused by other tensors)."""

@@ -153,14 +153,27 @@ class F8Linear(nn.Module):
             return nn.functional.linear(x.to(self.out_dtype), w, bias).reshape(*shape[:-1], self.out_features)
         return self._matmul(*self._quantize_input(x)).reshape(*shape[:-1], self.out_features)
 
+    def fuses_input_ops(self, x: Tensor) -> bool:
+        """Whether the ops before this layer can run as one pass with its input quantization (`fp8_kernels`):
+        per-token scaling on CUDA with Triton."""
+        dynamic = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
+        return dynamic and fp8_kernels.available(x)
+
     def forward_gelu_concat(self, a: Tensor | None, b: Tensor) -> Tensor:
-        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None). With per-token scaling on CUDA, the GELU, the
-        concatenation and the quantization are one pass over the activations (`fp8_kernels`)."""
-        fused = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
-        if not (fused and fp8_kernels.available(b)):
+        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None), the GELU, the concatenation and the quantization
+        in one pass where `fuses_input_ops`."""
+        if not self.fuses_input_ops(b):
             x = nn.functional.gelu(b, approximate="tanh")
             return self(x if a is None else torch.cat((a, x), dim=-1))
         return self._matmul(*fp8_kernels.gelu_concat_quantize(a, b)).reshape(*b.shape[:-1], self.out_features)
+
+    def forward_modulated(self, x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
+        """`self((1 + scale) * layer_norm(x) + shift)` (no affine LayerNorm), the LayerNorm, the modulation and
+        the quantization in one pass where `fuses_input_ops`."""
+        if not self.fuses_input_ops(x):
+            return self((1 + scale) * nn.functional.layer_norm(x, x.shape[-1:], eps=eps) + shift)
+        xq, scale_a = fp8_kernels.layernorm_modulate_quantize(x, scale, shift, eps)
+        return self._matmul(xq, scale_a).reshape(*x.shape[:-1], self.out_features)
 
     def _matmul(self, xq: Tensor, scale_a: Tensor) -> Tensor:
         """(M, K) e4m3 activations and their scale -> (M, N) in `out_dtype`."""

@@ -21,7 +21,9 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 MIN_SCALE = 1e-12  # keeps all-zero rows/tensors finite
 
-ONE_PASS = True  # False: torch ops for the GELU+concat quantization too (benchmarks compare both in one run)
+# False: torch ops instead of the kernel (benchmarks compare both in one run)
+GELU_PASS = True  # GELU + concat + quantization
+NORM_PASS = True  # LayerNorm + modulation + quantization
 
 try:
     import triton
@@ -64,18 +66,41 @@ def gelu_concat_quantize_reference(a: Tensor | None, b: Tensor) -> tuple[Tensor,
     return dynamic_quantize(x, per_token=True)
 
 
+def layernorm_modulate_quantize_reference(
+    x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """(B, L, D) -> e4m3 rows of `(1 + scale) * layer_norm(x) + shift` as (B*L, D), and (B*L, 1) float32 scales;
+    `scale` and `shift` are (B, 1, D)."""
+    y = (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=eps) + shift
+    return dynamic_quantize(y.reshape(-1, y.shape[-1]), per_token=True)
+
+
+def layernorm_modulate_quantize(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    if NORM_PASS and available(x) and x.ndim == 3 and scale.shape == shift.shape == (x.shape[0], 1, x.shape[2]):
+        return torch.ops.flux_fp8.layernorm_modulate_quantize(x, scale, shift, eps)
+    return layernorm_modulate_quantize_reference(x, scale, shift, eps)
+
+
 def available(x: Tensor) -> bool:
-    return ONE_PASS and triton is not None and x.is_cuda
+    return triton is not None and x.is_cuda
 
 
 def gelu_concat_quantize(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
-    if available(b):
+    if GELU_PASS and available(b):
         return torch.ops.flux_fp8.gelu_concat_quantize(a, b)
     return gelu_concat_quantize_reference(a, b)
 
 
 if triton is not None:
     _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+    @triton.jit
+    def _div(x, y):
+        return tl.math.div_rn(x, y)  # IEEE division, as torch's: `/` is approximate, and moves ties
+
+    @triton.jit
+    def _clamp(x):
+        return tl.minimum(tl.maximum(x, -448.0), 448.0)
 
     @triton.jit
     def _gelu_tanh(x, ROUND: tl.constexpr):
@@ -116,12 +141,12 @@ if triton is not None:
                 ca = tl.arange(0, BLOCK_A)
                 xa = tl.load(a_row + ca, mask=ca < KA, other=0.0).to(tl.float32)
                 amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=0))
-            scale = tl.maximum(amax / 448.0, 1e-12)
+            scale = tl.maximum(_div(amax, 448.0), 1e-12)
             tl.store(s_ptr + row, scale)
             if HAS_A:
-                qa = tl.minimum(tl.maximum(xa / scale, -448.0), 448.0)
+                qa = _clamp(_div(xa, scale))
                 tl.store(q_row + ca, qa.to(tl.float8e4nv), mask=ca < KA)
-            qb = tl.minimum(tl.maximum(xb / scale, -448.0), 448.0)
+            qb = _clamp(_div(xb, scale))
             tl.store(q_row + KA + cb, qb.to(tl.float8e4nv), mask=cb < KB)
         else:  # chunks: the second read comes from cache
             cols = tl.arange(0, BLOCK)
@@ -135,19 +160,72 @@ if triton is not None:
                 mask = start + cols < KB
                 x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
                 acc = tl.maximum(acc, tl.abs(x))
-            scale = tl.maximum(tl.max(acc, axis=0) / 448.0, 1e-12)
+            scale = tl.maximum(_div(tl.max(acc, axis=0), 448.0), 1e-12)
             tl.store(s_ptr + row, scale)
             if HAS_A:
                 for start in range(0, KA, BLOCK):
                     mask = start + cols < KA
                     x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-                    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+                    q = _clamp(_div(x, scale))
                     tl.store(q_row + start + cols, q.to(tl.float8e4nv), mask=mask)
             for start in range(0, KB, BLOCK):
                 mask = start + cols < KB
                 x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
-                q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+                q = _clamp(_div(x, scale))
                 tl.store(q_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
+
+    @triton.autotune(
+        configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (2, 8), (4, 8), (4, 16))],
+        key=["D"],
+    )
+    @triton.jit
+    def _layernorm_modulate_quantize_kernel(
+        x_ptr, scale_ptr, shift_ptr, q_ptr, s_ptr, M, L, D, x_stride, mod_stride, eps,
+        ROUND: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
+        cols = tl.arange(0, BLOCK_D)[None, :]
+        mask = (rows < M) & (cols < D)
+        x = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1)[:, None] / D
+        xc = tl.where(mask, x - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1)[:, None] / D + eps)
+        xn = (xc * rstd).to(ROUND).to(tl.float32)  # the LayerNorm's output in the activation dtype
+        mod = (rows // L) * mod_stride + cols  # the row's batch element
+        sc = tl.load(scale_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + mod, mask=mask, other=0.0).to(tl.float32)
+        # rounded after each op, as the unfused `(1 + scale) * norm(x) + shift` is
+        y = ((1.0 + sc).to(ROUND).to(tl.float32) * xn).to(ROUND).to(tl.float32)
+        y = (y + sh).to(ROUND).to(tl.float32)
+        s = tl.maximum(_div(tl.max(tl.abs(y), axis=1)[:, None], 448.0), 1e-12)
+        tl.store(s_ptr + rows, s, mask=rows < M)
+        q = _clamp(_div(y, s))
+        tl.store(q_ptr + rows * D + cols, q.to(tl.float8e4nv), mask=mask)
+
+    @torch.library.custom_op("flux_fp8::layernorm_modulate_quantize", mutates_args=())
+    def _layernorm_modulate_quantize_op(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        b, seq, d = x.shape
+        if x.stride(-1) != 1 or x.stride(0) != seq * x.stride(1):
+            x = x.contiguous()
+        scale, shift = scale.reshape(b, d), shift.reshape(b, d)
+        if scale.stride(-1) != 1 or shift.stride() != scale.stride():
+            scale, shift = scale.contiguous(), shift.contiguous()
+        m = b * seq
+        q = torch.empty((m, d), dtype=E4M3, device=x.device)
+        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        if m:
+            with torch.cuda.device(x.device):
+                grid = lambda meta: (triton.cdiv(m, meta["ROWS"]),)  # noqa: E731
+                _layernorm_modulate_quantize_kernel[grid](
+                    x, scale, shift, q, s, m, seq, d, x.stride(1), scale.stride(0), eps, ROUND=_ROUND[x.dtype],
+                    BLOCK_D=triton.next_power_of_2(d),
+                )  # fmt: skip
+        return q, s
+
+    @_layernorm_modulate_quantize_op.register_fake
+    def _(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        m = x.numel() // x.shape[-1]
+        return x.new_empty((m, x.shape[-1]), dtype=E4M3), x.new_empty((m, 1), dtype=torch.float32)
 
     def _rows(x: Tensor) -> Tensor:
         x = x.reshape(-1, x.shape[-1])  # a view when the rows are evenly strided (split outputs are)

@@ -28,7 +28,7 @@ import float8_quantize as f8  # noqa: E402
 import fp8_kernels  # noqa: E402
 from cuda_graphs import GraphedFlow  # noqa: E402
 from flux_pipeline import compile_flow_model  # noqa: E402
-from modules import flux_model, sampling  # noqa: E402
+from modules import flux_model, qk_kernels, sampling  # noqa: E402
 from modules.flux_model import Flux, FluxParams, timestep_embedding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,18 +94,27 @@ def inputs(p: dict, height: int, width: int, device: str, dtype: torch.dtype, se
 def options(label: str):
     """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization with torch
     ops; '@twopass': the MLP outputs' GELU+concat+quantization as torch ops (inductor-fused when compiled)
-    instead of the one-pass kernel."""
-    saved = flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, fp8_kernels.ONE_PASS
+    instead of the one-pass kernel; '@nonorm': the same for LayerNorm+modulation+quantization; '@noqk': the
+    QK-norm + rotary embedding as torch ops instead of `qk_kernels`."""
+    flags = (
+        (fp8_kernels, "GELU_PASS", "@twopass"),
+        (fp8_kernels, "NORM_PASS", "@nonorm"),
+        (qk_kernels, "ENABLED", "@noqk"),
+    )
+    saved = flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, [getattr(m, f) for m, f, _ in flags]
     if "@flash" in label:
         flux_model.SDPA_PRIORITY = [b for b in saved[0] if b != flux_model.SDPBackend.CUDNN_ATTENTION]
     if "@unfused" in label:
         fp8_kernels.dynamic_quantizer = lambda cuda: fp8_kernels.dynamic_quantize
-    if "@twopass" in label:
-        fp8_kernels.ONE_PASS = False
+    for module, flag, tag in flags:
+        if tag in label:
+            setattr(module, flag, False)
     try:
         yield
     finally:
-        flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, fp8_kernels.ONE_PASS = saved
+        flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, values = saved
+        for (module, flag, _), value in zip(flags, values, strict=True):
+            setattr(module, flag, value)
 
 
 def sync(device: str) -> None:
@@ -134,14 +143,42 @@ def time_forward(model, x: dict, reps: int, device: str) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def time_loop(model, x: dict, reps: int, device: str, table: bool, steps: int = 28) -> float:
+    """Median ms per step of whole `steps`-step denoising loops (`sampling.denoise`, as the pipeline runs it):
+    everything done once per image (the modulation table, the rotary embedding) is shared among the steps.
+    `table=False` hides `modulation_table` from the loop, which then computes the modulations every step."""
+    schedule = sampling.get_schedule(steps, x["img"].shape[1])
+    call = model if table else (lambda **kw: model(**kw))
+    img = x["img"].float()
+
+    def run():
+        return sampling.denoise(call, img, x["img_ids"], x["txt"], x["txt_ids"], x["y"], schedule, 4.0)
+
+    run()  # warm-up (and graph capture)
+    times = []
+    for _ in range(max(2, reps // 5)):
+        sync(device)
+        t = time.perf_counter()
+        run()
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t) / steps)
+    return statistics.median(times)
+
+
 def measure(model, x: dict, reps: int, device: str, label: str = "") -> tuple[float, float]:
     """Median ms per step and peak GiB (the model's own bytes plus what the forward allocates on top).
     '@graph' in the label: the forward replays as a CUDA graph (`cuda_graphs.GraphedFlow`), as the pipeline
-    runs it."""
+    runs it. '@loop': per step of a 28-step denoising loop (`time_loop`); '@loop@notable' without the
+    modulation table."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    ms = time_forward(GraphedFlow(model) if "@graph" in label else model, x, reps, device)
+    step_model = GraphedFlow(model) if "@graph" in label else model
+    if "@loop" in label:
+        ms = time_loop(step_model, x, reps, device, table="@notable" not in label)
+    else:
+        ms = time_forward(step_model, x, reps, device)
     peak = (torch.cuda.max_memory_allocated() - base + model_bytes(model)) if device.startswith("cuda") else 0
     return ms, peak / 2**30
 

@@ -33,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--modes", default="fp8 ch/tok,fp8 ten/ten")
     ap.add_argument("--size", default="1024x1024")
+    ap.add_argument("--top", type=int, default=22, help="how many kernels to list, longest first")
     args = ap.parse_args()
     p = params(False)
     h, w = (int(v) for v in args.size.split("x"))
@@ -50,22 +51,25 @@ def main() -> None:
             for _ in range(3):
                 model(**x)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
                 model(**x)
                 torch.cuda.synchronize()
         totals: dict[str, float] = {}
         kernels = []
+        for e in prof.key_averages(group_by_input_shape=True):
+            if e.key == "aten::_scaled_mm":
+                print(f"_scaled_mm {e.input_shapes[:2]}: {e.count}x, {e.device_time_total / 1000:.2f} ms")
         for e in prof.key_averages():
             t = e.device_time_total / 1000  # ms
-            if t <= 0:
+            if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
                 continue
             totals[classify(e.key)] = totals.get(classify(e.key), 0) + t
-            kernels.append((t, e.count, e.key[:110]))
+            kernels.append((t, e.count, e.key[:150]))
         print(
             f"\n== {label}: total {sum(totals.values()):.1f} ms GPU; "
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
         )
-        for t, c, k in sorted(kernels, reverse=True)[:22]:
+        for t, c, k in sorted(kernels, reverse=True)[: args.top]:
             print(f"{t:8.2f} ms {c:5d}x  {k}")
         if label != "bf16":
             del model

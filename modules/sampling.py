@@ -83,15 +83,24 @@ def denoise(
 
     `img` stays float32 between steps (the model sees it in its own dtype) so rounding does not accumulate.
     `cancel` is anything with `is_set()` (a threading.Event); it is checked before every step.
+    A model with `modulation_table` (the flow model, or its CUDA-graph wrapper) gets every step's modulations
+    computed up front, once per image.
     """
     batch = img.shape[0]
     guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=torch.float32)
     total = len(timesteps) - 1
+    table = None
+    if hasattr(model, "modulation_table") and total:
+        t_all = torch.tensor(timesteps[:-1], dtype=torch.float32, device=img.device)[:, None].expand(-1, batch)
+        table = model.modulation_table(t_all, vec, guidance_vec)
     for step, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"cancelled before step {step + 1} of {total}")
         t_vec = torch.full((batch,), t_curr, dtype=torch.float32, device=img.device)
-        pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
+        pred = model(
+            img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec,
+            **({} if table is None else {"mods": table[step]}),
+        )  # fmt: skip
         img = img + (t_prev - t_curr) * pred.float()
         if callback is not None:
             callback(step + 1, total)

@@ -165,6 +165,72 @@ def test_forward_gelu_concat_matches_unfused_f8linear():
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layernorm_modulate_quantize_matches_torch_ops(dtype):
+    import fp8_kernels
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 300, 96, device="cuda", dtype=dtype) * 4 + 1
+    x[1, 5, 17] = 200  # an outlier
+    mod = torch.randn(2, 1, 6 * 96, device="cuda", dtype=dtype)  # chunks of it, as Modulation hands them over
+    scale, shift = mod[..., 96:192], mod[..., 288:384]
+    q, s = fp8_kernels.layernorm_modulate_quantize(x, scale, shift)
+    q_ref, s_ref = fp8_kernels.layernorm_modulate_quantize_reference(x, scale, shift)
+    assert q.shape == q_ref.shape == (600, 96) and s.shape == (600, 1)
+    # the kernel's mean/variance may differ from torch's in the last float32 bit, so a rounded activation (and
+    # from it an e4m3 value or a row's scale) may land one step away, rarely
+    rows_off = (s != s_ref).float().mean().item()
+    torch.testing.assert_close(s, s_ref, rtol=8e-3, atol=0)
+    diff = (q.float() * s - q_ref.float() * s_ref).abs()
+    bytes_off = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+    assert bytes_off < 2e-3, f"{bytes_off:.2%} of the e4m3 values differ ({rows_off:.2%} of the row scales)"
+    assert (diff <= (q_ref.float() * s_ref).abs() / 8 + 2e-2 * s_ref).all()
+    compiled = torch.compile(fp8_kernels.layernorm_modulate_quantize, fullgraph=True)
+    q_c, s_c = compiled(x, scale, shift)
+    assert torch.equal(q_c.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s_c, s)
+
+
+def test_forward_modulated_matches_unfused_f8linear():
+    torch.manual_seed(0)
+    layer = f8_from(torch.nn.Linear(256, 128), "per_channel", "dynamic_per_token").cuda()
+    layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(2, 50, 256, device="cuda", dtype=torch.bfloat16)
+    scale, shift = torch.randn(2, 2, 1, 256, device="cuda", dtype=torch.bfloat16).unbind(0)
+    out = layer.forward_modulated(x, scale, shift, 1e-6)
+    ref = layer((1 + scale) * torch.nn.functional.layer_norm(x, (256,), eps=1e-6) + shift)
+    assert out.shape == ref.shape == (2, 50, 128)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_rope_kernel_matches_torch_ops(dtype):
+    from modules import qk_kernels, sampling
+    from modules.flux_model import EmbedND
+
+    torch.manual_seed(0)
+    heads, dim = 3, 32
+    pe = EmbedND(dim, 10000, [8, 12, 12])(torch.cat([sampling.txt_ids(2, 7), sampling.img_ids(2, 64, 80)], 1).cuda())
+    n_txt, n_img = 7, pe.shape[2] - 7
+    txt = torch.randn(2, n_txt, 3 * heads * dim, device="cuda", dtype=dtype) * 3
+    joined = torch.randn(2, n_img, 3 * heads * dim + 40, device="cuda", dtype=dtype)  # a split view, as linear1's
+    img = joined[..., : 3 * heads * dim]
+    gains = [torch.rand(dim, device="cuda", dtype=dtype) + 0.5 for _ in range(4)]
+    double = [(txt, *gains[:2]), (img, *gains[2:])]
+    for streams, rows in ((double, pe), (double[1:], pe[:, :, n_txt:])):  # double block, then single block
+        out = qk_kernels.rms_norm_rope(streams, rows, heads)
+        ref = qk_kernels.rms_norm_rope_reference(streams, rows, heads)
+        for o, r in zip(out, ref, strict=True):
+            assert o.shape == r.shape == (2, heads, rows.shape[2], dim)
+            # last-bit float32 differences (rsqrt, fused multiply-add) round to the neighbouring value at most
+            ulp = 2.0 ** -(torch.finfo(dtype).nmant) * 2
+            assert ((o.float() - r.float()).abs() <= r.float().abs() * ulp + 1e-6).all()
+            if dtype != torch.float32:  # float32 outputs keep every last-bit difference
+                assert (o != r).float().mean() < 1e-2
+        assert torch.equal(out[2], ref[2])  # v is copied, not changed
+        compiled = torch.compile(qk_kernels.rms_norm_rope, fullgraph=True)
+        assert all(torch.equal(c, o) for c, o in zip(compiled(streams, rows, heads), out, strict=True))
+
+
 def _random_bfl_lora(model, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     sd = {}

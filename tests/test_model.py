@@ -164,3 +164,49 @@ def test_precomputed_rotary_embedding_gives_the_same_output(flow_params, fp32_ch
         other = model(**x, pe=model.pe_embedder(torch.cat((x["txt_ids"], x["img_ids"] + 5), dim=1)))
     assert torch.equal(given, reference)
     assert not torch.equal(other, reference)  # the embedding given is the one used
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_modulation_table_gives_each_steps_output(flow_params, fp32_checkpoint, quantized):
+    """Precomputed modulations (all steps at once) give each step the output it gets computing them itself."""
+    import float8_quantize as f8
+
+    model = Flux(FluxParams(**flow_params))
+    model.load_state_dict(fp32_checkpoint[1])
+    if quantized:
+        model = f8.quantize_flow_model(model.bfloat16(), f8.F8Settings())
+    dtype = model.dtype
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in random_inputs(flow_params).items()}
+    times = torch.tensor([[1.0], [0.55], [0.1]])
+    with torch.no_grad():
+        table = model.modulation_table(times, x["y"], x["guidance"])
+        assert table.shape == (3, 1, sum(model.modulation_widths())) and table.dtype == dtype
+        for step, t in enumerate(times):
+            direct = model(**dict(x, timesteps=t))
+            given = model(**dict(x, timesteps=None, y=None, guidance=None), mods=table[step])
+            # the same math; a matmul of 3 rows may round its sums differently from one of 1 row
+            err = ((given.double() - direct.double()).norm() / direct.double().norm()).item()
+            assert err < (1e-6 if dtype == torch.float32 else 1e-3)
+        # the row given is the one used
+        assert not torch.equal(model(**x, mods=table[0]), model(**x, mods=table[2]))
+
+
+def test_denoise_computes_modulations_once_per_image(flow_params, fp32_checkpoint):
+    model = Flux(FluxParams(**flow_params))
+    model.load_state_dict(fp32_checkpoint[1])
+    layers = [model.double_blocks[0].img_mod.lin, model.single_blocks[-1].modulation.lin]
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0])) for m in layers]
+    x = random_inputs(flow_params)
+    steps = [1.0, 0.75, 0.5, 0.25, 0.0]
+    vec, g = x["y"], 3.5
+    with torch.no_grad():
+        out = sampling.denoise(model, x["img"], x["img_ids"], x["txt"], x["txt_ids"], vec, steps, g)
+        for h in hooks:
+            h.remove()
+        img = x["img"]
+        for t_curr, t_prev in zip(steps[:-1], steps[1:], strict=True):  # the loop without the table
+            pred = model(**dict(x, img=img, timesteps=torch.tensor([t_curr]), guidance=torch.tensor([g])))
+            img = img + (t_prev - t_curr) * pred
+    assert calls == [4, 4]  # one call per layer for the 4 steps, not 4 calls
+    torch.testing.assert_close(out, img, rtol=1e-5, atol=1e-6)
