@@ -89,14 +89,15 @@ class FluxPipeline:
 
     def compile(self, sizes: tuple[tuple[int, int], ...] = ((1024, 1024), (768, 768))) -> None:
         """Compile the flow model and warm it up at two sizes (the second compiles the dynamic-shape graph that
-        later sizes reuse), so no request pays compile time."""
+        later sizes reuse), so no request pays compile time. One step, then two: the modulation table of a
+        loop holds one row per step, and one row compiles apart from several (size-1 specialization)."""
         start = time.perf_counter()
         torch._logging.set_logs(recompiles=True)  # a recompile after warm-up shows in the log
         compile_flow_model(self.model, self.config.compile_blocks, self.config.compile_extras)
         if isinstance(self.step_model, GraphedFlow):
             self.step_model.reset()  # graphs captured before would replay the uncompiled kernels
-        for width, height in sizes:
-            self.generate_images("warm-up", width, height, num_steps=2, seed=0)
+        for steps, (width, height) in enumerate(sizes, start=1):
+            self.generate_images("warm-up", width, height, num_steps=steps, seed=0)
         logger.info(f"compiled and warmed up the flow model in {time.perf_counter() - start:.1f} s")
 
     @contextmanager
