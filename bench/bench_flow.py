@@ -4,7 +4,9 @@ Builds the full-size FLUX.1-dev architecture with random weights (std 0.02) on t
 median ms/step and it/s per image size, peak memory, compile time, and accuracy two ways that do not depend
 on the random init: per Linear (each quantized layer on the exact input it receives in a bf16 forward,
 against a float64 matmul) and per block (each block's residual update from a float32 block input cast to
-bf16, against the float32 block). Guidance 4.0 (exact in bf16).
+bf16, against the float32 block). Guidance 4.0 (exact in bf16). Variants take options after '@' (see
+`options` and `measure`); by default the compiled ones replay CUDA graphs ('@graph'), as the pipeline does, and
+'@loop' times whole 28-step denoising loops.
 
     python bench/bench_flow.py --out $OUT/flow.json            # H200
     python bench/bench_flow.py --tiny --device cpu --reps 2     # smoke test of the script itself
@@ -270,8 +272,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument(
         "--compile",
-        default="bf16,fp8 ch/tok,fp8 ten/ten,fp8 ten/static",
-        help="comma-separated variants to also time compiled ('' for none)",
+        default="fp8 ch/tok@graph,bf16@graph,fp8 ch/tok@graph@loop,fp8 ch/tok,fp8 ten/ten@graph,fp8 ten/static@graph",
+        help="comma-separated variants to also time compiled ('' for none); '@graph' is how the pipeline runs them",
     )
     ap.add_argument(
         "--eager-extra",
