@@ -136,7 +136,7 @@ class Modulation(nn.Module):
         self.lin = nn.Linear(dim, self.multiplier * dim, bias=True)
 
     def forward(self, vec: Tensor | None, out: Tensor | None = None) -> tuple[ModulationOut, ModulationOut | None]:
-        """`out`: `lin(silu(vec))` if the caller computed it already (`Flux.modulations`); vec is then not read."""
+        """`out`: `lin(silu(vec))` if the caller computed it already (`Flux.modulation_table`); vec is then not read."""
         out = self.lin(F.silu(vec)) if out is None else out
         out = out[:, None, :].chunk(self.multiplier, dim=-1)  # each (B, 1, D)
         return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
@@ -197,7 +197,7 @@ class DoubleStreamBlock(nn.Module):
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor | None, pe: Tensor, mods: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """`mods`: (B, 12 * hidden) precomputed outputs of img_mod and txt_mod (see `Flux.modulations`)."""
+        """`mods`: (B, 12 * hidden) precomputed outputs of img_mod and txt_mod (see `Flux.modulation_table`)."""
         split = (None, None) if mods is None else mods.chunk(2, dim=-1)
         img_mod1, img_mod2 = self.img_mod(vec, split[0])
         txt_mod1, txt_mod2 = self.txt_mod(vec, split[1])
@@ -231,7 +231,7 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: Tensor, vec: Tensor | None, pe: Tensor, mods: Tensor | None = None) -> Tensor:
-        """`mods`: (B, 3 * hidden) precomputed output of the modulation (see `Flux.modulations`)."""
+        """`mods`: (B, 3 * hidden) precomputed output of the modulation (see `Flux.modulation_table`)."""
         mod, _ = self.modulation(vec, mods)
         h = modulated_linear(self.linear1, self.pre_norm, x, mod)
         qkv, mlp = torch.split(h, [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
@@ -314,9 +314,8 @@ class Flux(nn.Module):
 
         if pe is None:
             pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
-        parts = [None] * (len(self.double_blocks) + len(self.single_blocks) + 1)
-        if mods is not None:
-            parts = mods.to(dtype).split(self.modulation_widths(), dim=-1)
+        widths = self.modulation_widths()
+        parts = [None] * len(widths) if mods is None else mods.to(dtype).split(widths, dim=-1)
         img = self._blocks(img, txt, vec, pe, parts)
         return self.final_layer(img, vec, parts[-1])  # (B, L_img, in_channels)
 
@@ -331,8 +330,16 @@ class Flux(nn.Module):
         return vec + self.vector_in(y.to(dtype))
 
     def modulation_widths(self) -> list[int]:
-        d = self.hidden_size
-        return [12 * d] * len(self.double_blocks) + [3 * d] * len(self.single_blocks) + [2 * d]
+        """Each block's (then the final layer's) share of a `modulation_table` row."""
+        return [sum(lin.out_features for lin in layers) for layers in self._modulation_layers()]
+
+    def _modulation_layers(self) -> list[list[nn.Module]]:
+        """Per block, then the final layer: the linears that map silu(vec) to its modulation, in table order."""
+        return [
+            *([b.img_mod.lin, b.txt_mod.lin] for b in self.double_blocks),
+            *([b.modulation.lin] for b in self.single_blocks),
+            [self.final_layer.adaLN_modulation[1]],  # its [0] is the SiLU
+        ]
 
     @torch.no_grad()
     def modulation_table(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
@@ -345,9 +352,7 @@ class Flux(nn.Module):
         activations are quantized per row, and the rows are multiplied independently."""
         vec = torch.cat([self.vector(t, y, guidance) for t in timesteps])  # per step, as the forward would
         silu = F.silu(vec)
-        layers = [m for b in self.double_blocks for m in (b.img_mod.lin, b.txt_mod.lin)]
-        layers += [b.modulation.lin for b in self.single_blocks]
-        out = torch.cat([*(lin(silu) for lin in layers), self.final_layer.adaLN_modulation(vec)], dim=-1)
+        out = torch.cat([lin(silu) for layers in self._modulation_layers() for lin in layers], dim=-1)
         return out.view(len(timesteps), y.shape[0], -1)
 
     def _blocks(self, img: Tensor, txt: Tensor, vec: Tensor | None, pe: Tensor, mods: list) -> Tensor:
