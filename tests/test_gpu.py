@@ -236,6 +236,7 @@ def test_rms_norm_rope_kernel_matches_torch_ops(dtype):
             if dtype != torch.float32:  # float32 outputs keep every last-bit difference
                 assert (o != r).float().mean() < 1e-2
         assert torch.equal(out[2], ref[2])  # v is copied, not changed
+        assert out[0].transpose(1, 2).is_contiguous()  # (B, L, H, D) memory: the attention output's heads join freely
         compiled = torch.compile(qk_kernels.rms_norm_rope, fullgraph=True)
         assert all(torch.equal(c, o) for c, o in zip(compiled(streams, rows, heads), out, strict=True))
 
