@@ -41,11 +41,16 @@ def quanto_quantize(model: nn.Module, quant: str) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        inner = getattr(t, "_data", None)  # quanto's packed tensors report their real storage here
-        total += (inner.numel() * inner.element_size()) if isinstance(inner, Tensor) else t.numel() * t.element_size()
-    return total
+    return sum(tensor_bytes(t) for t in [*model.parameters(), *model.buffers()])
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """The bytes a tensor holds. quanto's quantized tensors keep theirs in inner tensors (data and scale), and a
+    packed inner tensor (Marlin's int32 words on CUDA) reports its logical shape, not its storage's."""
+    inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else []
+    if not inner:
+        return t.numel() * t.element_size()
+    return sum(tensor_bytes(getattr(t, name)) for name in inner)
 
 
 class F8Conv2d(nn.Module):

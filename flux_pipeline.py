@@ -36,6 +36,10 @@ from util import (
 MAX_SEED = 2**53 - 1  # exact in JSON numbers
 
 
+# the most requested size first (its graph is static, the fastest), then one that compiles the dynamic graph
+WARM_UP_SIZES = ((1024, 1024), (768, 768))
+
+
 class FluxPipeline:
     def __init__(
         self, config: ModelSpec, model: torch.nn.Module, ae: torch.nn.Module, clip: HFEmbedder, t5: HFEmbedder
@@ -56,11 +60,16 @@ class FluxPipeline:
         self.step_model = GraphedFlow(model) if graphs else model
 
     @classmethod
-    def load_pipeline_from_config_path(cls, path: str, **overrides: Any) -> "FluxPipeline":
-        return cls.load_pipeline_from_config(load_config(path, **overrides))
+    def load_pipeline_from_config_path(
+        cls, path: str, warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES, **overrides: Any
+    ) -> "FluxPipeline":
+        return cls.load_pipeline_from_config(load_config(path, **overrides), warm_up_sizes)
 
     @classmethod
-    def load_pipeline_from_config(cls, config: ModelSpec | dict) -> "FluxPipeline":
+    def load_pipeline_from_config(
+        cls, config: ModelSpec | dict, warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES
+    ) -> "FluxPipeline":
+        """Load every component; with compile on, compile and warm up at `warm_up_sizes` (see `compile`)."""
         if isinstance(config, dict):
             config = spec_from_dict(config)
         start = time.perf_counter()
@@ -74,23 +83,28 @@ class FluxPipeline:
         for key in cpu:  # a typo in a device is an error even when that component is offloaded
             check_device(getattr(config, key), key)
         clip, t5 = load_text_encoders(load_config)
+        text_s = time.perf_counter() - start
         model = load_flow_model(load_config)
         if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
             match_device(model, torch.device(config.flux_device))
+        flow_s = time.perf_counter() - start - text_s
         ae = load_autoencoder(load_config)
+        total_s = time.perf_counter() - start
         logger.info(
-            f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s "
-            f"(flow {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on {config.flux_device})"
+            f"loaded {config.version} pipeline in {total_s:.1f} s: text encoders {text_s:.1f} s, flow model "
+            f"{flow_s:.1f} s ({config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on "
+            f"{config.flux_device}), autoencoder {total_s - text_s - flow_s:.1f} s"
         )
         pipeline = cls(config, model, ae, clip, t5)
         if config.compile_blocks or config.compile_extras:
-            pipeline.compile()
+            pipeline.compile(warm_up_sizes)
         return pipeline
 
-    def compile(self, sizes: tuple[tuple[int, int], ...] = ((1024, 1024), (768, 768))) -> None:
-        """Compile the flow model and warm it up at two sizes (the second compiles the dynamic-shape graph that
-        later sizes reuse), so no request pays compile time. One step, then two: the modulation table of a
-        loop holds one row per step, and one row compiles apart from several (size-1 specialization)."""
+    def compile(self, sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES) -> None:
+        """Compile the flow model and warm it up: one step at the first size, two at the second, and so on. At
+        two sizes the second compiles the dynamic-shape graph that later sizes reuse, so no request pays compile
+        time; the step counts matter because the modulation table of a loop holds one row per step, and one row
+        compiles apart from several (size-1 specialization). A one-image run warms up at its own size twice."""
         start = time.perf_counter()
         torch._logging.set_logs(recompiles=True)  # a recompile after warm-up shows in the log
         compile_flow_model(self.model, self.config.compile_blocks, self.config.compile_extras)

@@ -18,6 +18,7 @@ graphs); everywhere else the `*_reference` functions compute the same values wit
 """
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -111,6 +112,13 @@ if triton is not None:
         y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 1 + tanh(u) = 2 sigmoid(2u)
         return y.to(ROUND).to(tl.float32)  # rounded to the activation dtype, as the unfused GELU is
 
+    def _autotune(**kwargs):
+        """`triton.autotune` that keeps its choice in the Triton cache where this Triton can (3.2 and later), so
+        a warm start-up does not benchmark the configurations again."""
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            kwargs["cache_results"] = True
+        return triton.autotune(**kwargs)
+
     def _configs() -> list:
         resident = [triton.Config({"RESIDENT": True, "BLOCK": 1}, num_warps=w) for w in (8, 16, 32)]
         looped = [
@@ -125,7 +133,7 @@ if triton is not None:
         return [c for c in configs if small or not c.kwargs["RESIDENT"]]
 
     # The configurations differ in speed only: every one computes the same values bit for bit.
-    @triton.autotune(configs=_configs(), key=["KA", "KB"], prune_configs_by={"early_config_prune": _prune})
+    @_autotune(configs=_configs(), key=["KA", "KB"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gelu_concat_quantize_kernel(
         a_ptr, b_ptr, q_ptr, s_ptr, a_stride, b_stride, KA, KB,
@@ -177,7 +185,7 @@ if triton is not None:
                 q = _clamp(x / scale)
                 tl.store(q_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
 
-    @triton.autotune(
+    @_autotune(
         configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (2, 8), (4, 8), (4, 16))],
         key=["D"],
     )

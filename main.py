@@ -91,11 +91,15 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def build_pipeline(args: argparse.Namespace):
-    from flux_pipeline import FluxPipeline
+    start = time.perf_counter()
+    from flux_pipeline import WARM_UP_SIZES, FluxPipeline
 
+    logger.info(f"imported the pipeline's code in {time.perf_counter() - start:.1f} s")
     overrides = config_overrides(args)
+    # one image: warm up at its own size only (one step, then two), not at the sizes a server sees
+    sizes = WARM_UP_SIZES if args.prompt is None else ((args.width, args.height),) * 2
     if args.config_path:
-        return FluxPipeline.load_pipeline_from_config_path(args.config_path, **overrides)
+        return FluxPipeline.load_pipeline_from_config_path(args.config_path, sizes, **overrides)
     missing = [
         flag
         for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
@@ -104,7 +108,7 @@ def build_pipeline(args: argparse.Namespace):
     if missing:
         raise SystemExit(f"without --config-path, give {' and '.join(missing)}")
     base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
-    return FluxPipeline.load_pipeline_from_config_path(str(base), **overrides)
+    return FluxPipeline.load_pipeline_from_config_path(str(base), sizes, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:

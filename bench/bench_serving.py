@@ -8,7 +8,8 @@
    `prequantized_flow: true`; compile on, T5 qfloat8 as shipped).
 2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile and warm-up, one 28-step
    1024x1024 image, exit), timed from process start to exit, with an empty compile cache and again with the
-   cache the first run left.
+   cache the first run left; then a server (`main.py -c ...`) with the warm cache, from process start to
+   ready (/health) and to its first 1024x1024 28-step image. Each with the times its log lines were written.
 3. Replicas: `replicas.py` with one, then two GPUs; a bounded load test from 127.0.0.1 (`--per-replica`
    clients per replica, each sending 1024x1024 28-step requests to the replica with the fewest requests in
    flight, as nginx `least_conn` does) for `--seconds`; images per minute.
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -76,19 +78,69 @@ def cache_env(cache: Path) -> dict[str, str]:
     return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
 
 
-def startup(config: Path, cache: Path, log: Path) -> float:
-    """Seconds from process start to exit of a one-image run (load, compile + warm-up, 28 steps, JPEG)."""
+def log_offsets(log: Path, launched: float) -> dict[str, float]:
+    """Seconds from launch to the first log line containing each marker (loguru timestamps, local time)."""
+    markers = {"imported": "imported the pipeline's code", "loaded": "pipeline in", "warmed_up": "warmed up",
+               "image_written": "wrote ", "serving": "serving on"}  # fmt: skip
+    found: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        except ValueError:
+            continue
+        for key, marker in markers.items():
+            if key not in found and marker in line:
+                found[key] = round(stamp - launched, 2)
+    return found
+
+
+def startup(config: Path, cache: Path, log: Path) -> dict:
+    """Seconds from process start to exit of a one-image run (load, compile + warm-up, 28 steps, JPEG), and
+    when each phase ended."""
     env = cache_env(cache)
     out = log.with_suffix(".jpg")
     cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--prompt", REQUEST["prompt"], "--output",
            str(out), "--width", "1024", "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
-    t = time.perf_counter()
+    launched = time.time()
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=400).returncode
-    elapsed = time.perf_counter() - t
+    elapsed = time.time() - launched
     if code != 0 or not out.exists():
         raise SystemExit(f"one-image run failed ({code}); see {log}")
-    return elapsed
+    return {"total_s": round(elapsed, 2), "phases_s": log_offsets(log, launched)}
+
+
+def server_startup(config: Path, cache: Path, log: Path, port: int = 8290) -> dict:
+    """A server from process start: until /health says ready, and until its first 1024x1024 28-step image."""
+    cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    launched = time.time()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=cache_env(cache))
+    try:
+        with httpx.Client(timeout=120) as http:
+            deadline = time.time() + 400
+            while time.time() < deadline and proc.poll() is None:  # bounded
+                try:
+                    if http.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            else:
+                raise SystemExit(f"server did not become ready; see {log}")
+            ready = time.time() - launched
+            r = http.post(f"{url}/generate", json=dict(REQUEST, seed=1))
+            if r.status_code != 200 or r.content[:2] != b"\xff\xd8":
+                raise SystemExit(f"first request failed ({r.status_code}); see {log}")
+            first = time.time() - launched
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return {"ready_s": round(ready, 2), "first_image_s": round(first, 2), "phases_s": log_offsets(log, launched)}
 
 
 def load_test(
@@ -177,9 +229,11 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     if not args.skip_startup:
-        result["startup_cold_cache_s"] = startup(config, cache, work / "startup-cold.log")
+        result["startup_cold_cache"] = startup(config, cache, work / "startup-cold.log")
         save()
-        result["startup_warm_cache_s"] = startup(config, cache, work / "startup-warm.log")
+        result["startup_warm_cache"] = startup(config, cache, work / "startup-warm.log")
+        save()
+        result["server_startup_warm_cache"] = server_startup(config, cache, work / "server-warm.log")
         save()
     overrides = json.loads(args.replica_overrides)
     if overrides:

@@ -117,6 +117,20 @@ def test_compile_at_load_then_no_recompile_across_sizes(cuda_cfg):
     assert counters["stats"]["unique_graphs"] == frames
 
 
+def test_one_image_warm_up_at_its_own_size_then_no_recompile(cuda_cfg):
+    """main.py's one-image mode warms up at the image's size only (one step, then two); the image then runs
+    from the compiled graphs, 28 steps included (the modulation table's many-row graph)."""
+    from torch._dynamo.utils import counters
+
+    from flux_pipeline import FluxPipeline
+
+    cfg = dict(cuda_cfg, compile_blocks=True, compile_extras=True)
+    pipe = FluxPipeline.load_pipeline_from_config(cfg, ((720, 1024), (720, 1024)))
+    frames = counters["stats"]["unique_graphs"]
+    pipe.generate_images("a fox", 720, 1024, 28, seed=1)
+    assert counters["stats"]["unique_graphs"] == frames
+
+
 @pytest.mark.parametrize("quant", ["qint4", "qint8"])
 def test_bitsandbytes_text_encoder(cuda_cfg, quant):
     import bitsandbytes  # noqa: F401 - carried to the GPU machine with device-wheels.sh --with-bnb
@@ -126,6 +140,26 @@ def test_bitsandbytes_text_encoder(cuda_cfg, quant):
     cfg = dict(cuda_cfg, text_enc_quantization_dtype=quant)
     pipe = FluxPipeline.load_pipeline_from_config(cfg)
     assert pipe.generate("a fox", 128, 128, 2, seed=1, silent=True).getvalue()
+
+
+def test_quanto_text_encoder_is_quantized_on_the_gpu(tiny_cfg):
+    """A CUDA text encoder is read onto the GPU and quantized there; it embeds as one quantized on the CPU."""
+    from encoder_quantize import weight_bytes
+    from util import ModelSpec, load_text_encoders
+
+    cfg = dict(tiny_cfg, text_enc_quantization_dtype="qfloat8")
+    _, t5_gpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cuda:0")))
+    _, t5_cpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cpu")))
+    weight = t5_gpu.hf_module.encoder.block[0].layer[0].SelfAttention.q.weight
+    assert weight.device.type == "cuda" and type(weight).__name__ != "Parameter"  # a quanto tensor
+    ids, _ = t5_gpu.tokenize(["a fox in the snow"])
+    with torch.no_grad():
+        on_gpu = t5_gpu(ids.cuda()).float().cpu()
+        t5_cpu.hf_module.cuda()  # quantized on the CPU, then moved: the path CPU devices take
+        reference = t5_cpu(ids.cuda()).float().cpu()
+    torch.testing.assert_close(on_gpu, reference, rtol=1e-2, atol=1e-2)
+    # quanto packs e4m3 weights as int32 words on CUDA (Marlin): the byte count sees through the packing
+    assert weight_bytes(t5_gpu.hf_module) == weight_bytes(t5_cpu.hf_module)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -17,7 +17,13 @@ def test_quanto_qfloat8_t5_runs_and_stays_close(tiny_cfg, bf16_pipeline):
     pipe = FluxPipeline.load_pipeline_from_config(
         dict(tiny_cfg, flow_quantization_dtype="bfloat16", text_enc_quantization_dtype="qfloat8")
     )
+    from encoder_quantize import weight_bytes
+
     assert any(isinstance(m, QLinear) for m in pipe.t5.modules())
+    linears = [m for m in bf16_pipeline.t5.modules() if isinstance(m, torch.nn.Linear)]
+    linear_bytes = sum(m.weight.numel() * 2 for m in linears)  # bf16 weights, no biases in T5
+    saved = weight_bytes(bf16_pipeline.t5.hf_module) - weight_bytes(pipe.t5.hf_module)
+    assert 0.45 * linear_bytes < saved <= 0.5 * linear_bytes  # 2 -> 1 byte per weight, plus one scale a row
     ids, _ = pipe.t5.tokenize(["a red fox in the snow"])
     quantized, reference = pipe.t5(ids).float(), bf16_pipeline.t5(ids).float()
     err = ((quantized - reference).norm() / reference.norm()).item()
