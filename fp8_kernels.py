@@ -32,6 +32,7 @@ MIN_SCALE = 1e-12  # keeps all-zero rows/tensors finite
 # False: torch ops instead of the kernel (benchmarks compare both in one run)
 GELU_PASS = True  # GELU + concat + quantization
 NORM_PASS = True  # LayerNorm + modulation + quantization
+FAST_TANH = False  # the GELU kernel's tanh as the GPU's approximate instruction (bench_flow '@fasttanh')
 
 try:
     import triton
@@ -107,9 +108,15 @@ if triton is not None:
         return tl.minimum(tl.maximum(x, -448.0), 448.0)
 
     @triton.jit
-    def _gelu_tanh(x, ROUND: tl.constexpr):
+    def _gelu_tanh(x, ROUND: tl.constexpr, FAST: tl.constexpr):
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 1 + tanh(u) = 2 sigmoid(2u)
+        if FAST:  # the hardware's tanh: one instruction, relative error <= 2^-11 (a bf16 step is 2^-8)
+            t = tl.inline_asm_elementwise(
+                "tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1
+            )
+            y = 0.5 * x * (1.0 + t)
+        else:
+            y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 1 + tanh(u) = 2 sigmoid(2u)
         return y.to(ROUND).to(tl.float32)  # rounded to the activation dtype, as the unfused GELU is
 
     def _autotune(**kwargs):
@@ -137,7 +144,7 @@ if triton is not None:
     @triton.jit
     def _gelu_concat_quantize_kernel(
         a_ptr, b_ptr, q_ptr, s_ptr, a_stride, b_stride, KA, KB,
-        HAS_A: tl.constexpr, ROUND: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+        HAS_A: tl.constexpr, ROUND: tl.constexpr, FAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
         RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
@@ -146,7 +153,7 @@ if triton is not None:
         q_row = q_ptr + row * (KA + KB)
         if RESIDENT:  # the whole row in registers: one read
             cb = tl.arange(0, BLOCK_B)
-            xb = _gelu_tanh(tl.load(b_row + cb, mask=cb < KB, other=0.0).to(tl.float32), ROUND)
+            xb = _gelu_tanh(tl.load(b_row + cb, mask=cb < KB, other=0.0).to(tl.float32), ROUND, FAST)
             amax = tl.max(tl.abs(xb), axis=0)
             if HAS_A:
                 ca = tl.arange(0, BLOCK_A)
@@ -169,7 +176,7 @@ if triton is not None:
                     acc = tl.maximum(acc, tl.abs(x))
             for start in range(0, KB, BLOCK):
                 mask = start + cols < KB
-                x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
+                x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND, FAST)
                 acc = tl.maximum(acc, tl.abs(x))
             scale = tl.maximum(tl.max(acc, axis=0) / 448.0, 1e-12)
             tl.store(s_ptr + row, scale)
@@ -181,7 +188,7 @@ if triton is not None:
                     tl.store(q_row + start + cols, q.to(tl.float8e4nv), mask=mask)
             for start in range(0, KB, BLOCK):
                 mask = start + cols < KB
-                x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND)
+                x = _gelu_tanh(tl.load(b_row + start + cols, mask=mask, other=0.0).to(tl.float32), ROUND, FAST)
                 q = _clamp(x / scale)
                 tl.store(q_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
 
@@ -254,6 +261,7 @@ if triton is not None:
             with torch.cuda.device(b.device):
                 _gelu_concat_quantize_kernel[(m,)](
                     a2, b2, q, scale, a2.stride(0), b2.stride(0), ka, kb, HAS_A=a is not None, ROUND=_ROUND[b.dtype],
+                    FAST=FAST_TANH,
                     BLOCK_A=triton.next_power_of_2(max(ka, 1)), BLOCK_B=triton.next_power_of_2(kb),
                 )  # fmt: skip
         return q, scale

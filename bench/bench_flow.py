@@ -97,7 +97,8 @@ def options(label: str):
     """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization with torch
     ops; '@twopass': the MLP outputs' GELU+concat+quantization as torch ops (inductor-fused when compiled)
     instead of the one-pass kernel; '@nonorm': the same for LayerNorm+modulation+quantization; '@noqk': the
-    QK-norm + rotary embedding as torch ops instead of `qk_kernels`."""
+    QK-norm + rotary embedding as torch ops instead of `qk_kernels`; '@fasttanh': the GELU kernel's tanh as
+    the GPU's approximate instruction."""
     flags = (
         (fp8_kernels, "GELU_PASS", "@twopass"),
         (fp8_kernels, "NORM_PASS", "@nonorm"),
@@ -111,12 +112,15 @@ def options(label: str):
     for module, flag, tag in flags:
         if tag in label:
             setattr(module, flag, False)
+    fast_tanh = fp8_kernels.FAST_TANH
+    fp8_kernels.FAST_TANH = fast_tanh or "@fasttanh" in label
     try:
         yield
     finally:
         flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, values = saved
         for (module, flag, _), value in zip(flags, values, strict=True):
             setattr(module, flag, value)
+        fp8_kernels.FAST_TANH = fast_tanh
 
 
 def sync(device: str) -> None:

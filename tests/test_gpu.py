@@ -164,9 +164,11 @@ def test_quanto_text_encoder_is_quantized_on_the_gpu(tiny_cfg):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_a", [True, False])
-def test_one_pass_gelu_concat_quantize_matches_torch_ops(dtype, with_a):
+@pytest.mark.parametrize("fast_tanh", [False, True])
+def test_one_pass_gelu_concat_quantize_matches_torch_ops(dtype, with_a, fast_tanh, monkeypatch):
     import fp8_kernels
 
+    monkeypatch.setattr(fp8_kernels, "FAST_TANH", fast_tanh)
     torch.manual_seed(0)
     fused = torch.randn(3, 129, 96 + 400, device="cuda", dtype=dtype) * 3  # a split view, like linear1's output
     fused[..., 7] *= 50  # an outlier channel
@@ -175,11 +177,12 @@ def test_one_pass_gelu_concat_quantize_matches_torch_ops(dtype, with_a):
     q, scale = fp8_kernels.gelu_concat_quantize(a, b)
     q_ref, scale_ref = fp8_kernels.gelu_concat_quantize_reference(a, b)
     assert q.shape == q_ref.shape == (3 * 129, 400 + (64 if with_a else 0)) and scale.shape == (3 * 129, 1)
-    torch.testing.assert_close(scale, scale_ref, rtol=2e-6, atol=0)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-2 if fast_tanh else 2e-6, atol=0)
     diff = (q.float() - q_ref.float()).abs()
     # the kernel's tanh and division may differ from torch's in the last float32 bit: an e4m3 value may then
     # round the other way, by one e4m3 step (1/8 relative at most), in a handful of elements
-    assert (diff > 0).float().mean() < 1e-3
+    # (the approximate tanh, 2^-11 relative, moves ~1 in 10 bf16 GELU values by one bf16 step: 1 in ~100 e4m3)
+    assert (diff > 0).float().mean() < (2e-2 if fast_tanh else 1e-3)
     one_step = torch.maximum(q.float().abs(), q_ref.float().abs()) / 8 + 2**-9  # e4m3: 3 mantissa bits
     assert (diff <= one_step).all()
     compiled = torch.compile(fp8_kernels.gelu_concat_quantize, fullgraph=True)
