@@ -97,8 +97,8 @@ def options(label: str):
     """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization with torch
     ops; '@twopass': the MLP outputs' GELU+concat+quantization as torch ops (inductor-fused when compiled)
     instead of the one-pass kernel; '@nonorm': the same for LayerNorm+modulation+quantization; '@noqk': the
-    QK-norm + rotary embedding as torch ops instead of `qk_kernels`; '@fasttanh': the GELU kernel's tanh as
-    the GPU's approximate instruction."""
+    QK-norm + rotary embedding as torch ops instead of `qk_kernels`; '@exacttanh' / '@fasttanh': the GELU
+    kernel's tanh computed exactly / as the GPU's approximate instruction (the default)."""
     flags = (
         (fp8_kernels, "GELU_PASS", "@twopass"),
         (fp8_kernels, "NORM_PASS", "@nonorm"),
@@ -113,7 +113,7 @@ def options(label: str):
         if tag in label:
             setattr(module, flag, False)
     fast_tanh = fp8_kernels.FAST_TANH
-    fp8_kernels.FAST_TANH = fast_tanh or "@fasttanh" in label
+    fp8_kernels.FAST_TANH = "@exacttanh" not in label and (fast_tanh or "@fasttanh" in label)
     try:
         yield
     finally:
