@@ -110,6 +110,15 @@ def startup(config: Path, cache: Path, log: Path) -> dict:
     return {"total_s": round(elapsed, 2), "phases_s": log_offsets(log, launched)}
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within two minutes."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def server_startup(config: Path, cache: Path, log: Path, port: int = 8290) -> dict:
     """A server from process start: until /health says ready, and until its first 1024x1024 28-step image."""
     cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--port", str(port)]
@@ -135,11 +144,7 @@ def server_startup(config: Path, cache: Path, log: Path, port: int = 8290) -> di
                 raise SystemExit(f"first request failed ({r.status_code}); see {log}")
             first = time.time() - launched
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return {"ready_s": round(ready, 2), "first_image_s": round(first, 2), "phases_s": log_offsets(log, launched)}
 
 
@@ -201,11 +206,7 @@ def load_test(
             "median_latency_s": sorted(latencies)[len(latencies) // 2] if latencies else None,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> None:
