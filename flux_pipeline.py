@@ -261,6 +261,7 @@ class FluxPipeline:
         with self.lock:
             start = time.perf_counter()
             txt, vec = self.encode_prompt(prompt, num_images)
+            _finish(txt)  # the phases' times in the log are the GPU's, not only the launches'
             t_text = time.perf_counter()
             noise = sampling.get_noise(num_images, height, width, seed)
             img = sampling.pack(noise).to(self.flux_device)
@@ -277,6 +278,7 @@ class FluxPipeline:
                 img = sampling.denoise(
                     self.step_model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel
                 )
+            _finish(img)
             t_denoise = time.perf_counter()
             with self._on(self.ae, self.ae_device, self.config.offload_vae):
                 images = self.decode(img, height, width)
@@ -346,6 +348,12 @@ def _to_device(part, device: torch.device):
     part.down, part.up = part.down.to(device), part.up.to(device)
     part.bias = None if part.bias is None else part.bias.to(device)
     return part
+
+
+def _finish(x: Tensor) -> None:
+    """Wait for the work queued on `x`'s GPU (nothing on the CPU)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool = True) -> torch.nn.Module:
