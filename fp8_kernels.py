@@ -121,7 +121,7 @@ if triton is not None:
             y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))  # 1 + tanh(u) = 2 sigmoid(2u)
         return y.to(ROUND).to(tl.float32)  # rounded to the activation dtype, as the unfused GELU is
 
-    def _autotune(**kwargs):
+    def autotune(**kwargs):
         """`triton.autotune` that keeps its choice in the Triton cache where this Triton can (3.2 and later), so
         a warm start-up does not benchmark the configurations again."""
         if "cache_results" in inspect.signature(triton.autotune).parameters:
@@ -142,7 +142,7 @@ if triton is not None:
         return [c for c in configs if small or not c.kwargs["RESIDENT"]]
 
     # The configurations differ in speed only: every one computes the same values bit for bit.
-    @_autotune(configs=_configs(), key=["KA", "KB"], prune_configs_by={"early_config_prune": _prune})
+    @autotune(configs=_configs(), key=["KA", "KB"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gelu_concat_quantize_kernel(
         a_ptr, b_ptr, q_ptr, s_ptr, a_stride, b_stride, KA, KB,
@@ -194,7 +194,7 @@ if triton is not None:
                 q = _clamp(x / scale)
                 tl.store(q_row + KA + start + cols, q.to(tl.float8e4nv), mask=mask)
 
-    @_autotune(
+    @autotune(
         configs=[triton.Config({"ROWS": r}, num_warps=w) for r, w in ((1, 4), (1, 8), (2, 8), (4, 8), (4, 16))],
         key=["D"],
     )

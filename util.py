@@ -300,17 +300,15 @@ def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype,
         if device.type != "cuda":
             raise ValueError(f"text encoder quantization {quant!r} (bitsandbytes) needs a CUDA device, not {device}")
         model = model_cls.from_pretrained(path, dtype=dtype, quantization_config=bnb, device_map={"": device})
-    elif device.type == "cuda":
-        # read straight onto the GPU and quantize there: T5-XXL's 4.8B weights take seconds on the GPU, tens of
-        # seconds on the CPU (the bf16 copy is freed layer by layer as quanto freezes the weights)
-        model = model_cls.from_pretrained(path, dtype=dtype, device_map={"": device})
-        if quant in encoder_quantize.QUANTO:
-            encoder_quantize.quanto_quantize(model, quant)
     else:
-        model = model_cls.from_pretrained(path, dtype=dtype)
+        # a GPU's encoder is read straight onto it and quantized there: T5-XXL's 4.8B weights take seconds on the
+        # GPU, tens of seconds on the CPU (the bf16 copy is freed layer by layer as quanto freezes the weights)
+        on_gpu = device.type == "cuda"
+        model = model_cls.from_pretrained(path, dtype=dtype, **({"device_map": {"": device}} if on_gpu else {}))
         if quant in encoder_quantize.QUANTO:
             encoder_quantize.quanto_quantize(model, quant)
-        model = model.to(device)
+        if not on_gpu:
+            model = model.to(device)
     return HFEmbedder(tokenizer, model, max_length=max_length, is_clip=is_clip)
 
 
