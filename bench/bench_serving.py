@@ -6,10 +6,11 @@
    model (`float8_quantize.py`'s format), a BFL autoencoder file, and T5-XXL and CLIP-L as `transformers`
    folders (the tiny demo's tokenizers), plus a config (`configs/config-dev-1-H100.json` with these paths and
    `prequantized_flow: true`; compile on, T5 qfloat8 as shipped).
-2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile and warm-up, one 28-step
-   1024x1024 image, exit), timed from process start to exit, with an empty compile cache and again with the
-   cache the first run left; then a server (`main.py -c ...`) with the warm cache, from process start to
-   ready (/health) and to its first 1024x1024 28-step image. Each with the times its log lines were written.
+2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile, one 28-step 1024x1024 image,
+   exit), timed from process start to exit, with an empty `--cache-dir` and again with the caches the first run
+   left (and with its compile caches but no bytecode cache, as without `--cache-dir`); then a server
+   (`main.py -c ...`) with the warm caches, from process start to ready (/health) and to its first 1024x1024
+   28-step image. Each with the times its log lines were written.
 3. Replicas: `replicas.py` with one, then two GPUs; a bounded load test from 127.0.0.1 (`--per-replica`
    clients per replica, each sending 1024x1024 28-step requests to the replica with the fewest requests in
    flight, as nginx `least_conn` does) for `--seconds`; images per minute.
@@ -75,7 +76,10 @@ def write_files(work: Path, device: str = "cuda", tiny_model: bool = False) -> P
 
 
 def cache_env(cache: Path) -> dict[str, str]:
-    return dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
+    """The compile caches of `main.py --cache-dir cache` set through the environment, without its bytecode."""
+    dirs = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
+            "TORCH_EXTENSIONS_DIR": "torch_extensions"}  # fmt: skip
+    return dict(os.environ, **{var: str(cache / sub) for var, sub in dirs.items()})
 
 
 def log_offsets(log: Path, launched: float) -> dict[str, float]:
@@ -94,13 +98,14 @@ def log_offsets(log: Path, launched: float) -> dict[str, float]:
     return found
 
 
-def startup(config: Path, cache: Path, log: Path) -> dict:
-    """Seconds from process start to exit of a one-image run (load, compile + warm-up, 28 steps, JPEG), and
-    when each phase ended."""
-    env = cache_env(cache)
+def startup(config: Path, cache: Path, log: Path, cache_dir: bool = True) -> dict:
+    """Seconds from process start to exit of a one-image run (load, compile, 28 steps, JPEG), and when each phase
+    ended. `cache_dir`: with `--cache-dir cache` (compile caches and bytecode), else the compile caches only."""
     out = log.with_suffix(".jpg")
     cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--prompt", REQUEST["prompt"], "--output",
            str(out), "--width", "1024", "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
+    env = dict(os.environ) if cache_dir else cache_env(cache)
+    cmd += ["--cache-dir", str(cache)] if cache_dir else []
     launched = time.time()
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=400).returncode
@@ -121,11 +126,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 def server_startup(config: Path, cache: Path, log: Path, port: int = 8290) -> dict:
     """A server from process start: until /health says ready, and until its first 1024x1024 28-step image."""
-    cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--port", str(port)]
+    cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--port", str(port), "--cache-dir", str(cache)]
     url = f"http://127.0.0.1:{port}"
     launched = time.time()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=cache_env(cache))
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(timeout=120) as http:
             deadline = time.time() + 400
@@ -152,10 +157,10 @@ def load_test(
     config: Path, devices: list[str], port: int, per_replica: int, seconds: float, log: Path, cache: Path
 ) -> dict:
     cmd = [sys.executable, str(ROOT / "replicas.py"), "--devices", ",".join(devices), "--base-port", str(port),
-           "--", "-c", str(config)]  # fmt: skip
+           "--", "-c", str(config), "--cache-dir", str(cache)]  # fmt: skip
     t = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=cache_env(cache))
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
     try:
         line = proc.stdout.readline()
         if "ready" not in line:
@@ -233,6 +238,10 @@ def main() -> None:
         result["startup_cold_cache"] = startup(config, cache, work / "startup-cold.log")
         save()
         result["startup_warm_cache"] = startup(config, cache, work / "startup-warm.log")
+        save()
+        # the same compile caches through the environment, no bytecode cache: what a start without --cache-dir
+        # costs where the installation has no .pyc files (PYTHONDONTWRITEBYTECODE images)
+        result["startup_warm_compile_cache_only"] = startup(config, cache, work / "startup-nobytecode.log", False)
         save()
         result["server_startup_warm_cache"] = server_startup(config, cache, work / "server-warm.log")
         save()

@@ -2,14 +2,15 @@
 
     python bench/profile_startup.py --workdir /tmp/fluxbench --top 40
 
-Uses bench_serving's full-size random checkpoint set (written if missing) and fills a compile cache with one
-cold run if the cache is empty. Then, with the warm cache: the plain run (phases from its log), the run with
+Uses bench_serving's full-size random checkpoint set (written if missing) and fills a `--cache-dir` with one
+cold run if it is empty. Then, with the warm caches: the plain run (phases from its log), the run with
 `TORCHINDUCTOR_COMPILE_THREADS=1`, the run under `python -X importtime` (slowest imports, cumulative), and
 `main.main()` under cProfile (the functions with the most cumulative and own time).
 """
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import REQUEST, cache_env, log_offsets, startup, write_files  # noqa: E402
+from bench.bench_serving import REQUEST, log_offsets, startup, write_files  # noqa: E402
 
 PROFILE = """
 import cProfile, pstats, sys
@@ -33,9 +34,9 @@ p.sort_stats("tottime").print_stats({top})
 """
 
 
-def one_image_argv(config: Path, out: Path) -> list[str]:
+def one_image_argv(config: Path, out: Path, cache: Path) -> list[str]:
     return ["-c", str(config), "--prompt", REQUEST["prompt"], "--output", str(out), "--width", "1024",
-            "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
+            "--height", "1024", "--num-steps", "28", "--seed", "1", "--cache-dir", str(cache)]  # fmt: skip
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
@@ -70,8 +71,8 @@ def main() -> None:
     if not cache.exists():
         result["cold"] = startup(config, cache, out / "cold.log")
         print("cold", json.dumps(result["cold"]), flush=True)
-    env = cache_env(cache)
-    argv = one_image_argv(config, out / "image.jpg")
+    env = dict(os.environ)
+    argv = one_image_argv(config, out / "image.jpg", cache)
     t = time.time()
     cuda = subprocess.run([sys.executable, "-c", "import torch, time; t = time.perf_counter(); "
                            "torch.empty(1, device='cuda'); print(time.perf_counter() - t)"],

@@ -1,7 +1,7 @@
+import os
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 from float8_quantize import F8Linear
@@ -54,14 +54,14 @@ def test_flags_map_to_config_keys():
     assert config_overrides(defaults) == {} and defaults.host == "127.0.0.1" and defaults.port == 8088
 
 
-def test_one_image_mode_warms_up_at_its_own_size_only(monkeypatch):
+def test_one_image_mode_skips_the_warm_up(monkeypatch):
     from flux_pipeline import WARM_UP_SIZES, FluxPipeline
 
-    warmed = []  # the sizes each load compiles and warms up at (the warm-up itself is a GPU test)
+    warmed = []  # the sizes each load compiles and warms up at (compiling at the first image is a GPU test)
     monkeypatch.setattr(FluxPipeline, "compile", lambda self, sizes=WARM_UP_SIZES: warmed.append(sizes))
     build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-C", "--prompt", "a fox", "--width", "512", "--height", "384"]))
     build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-C"]))  # a server warms up at the sizes requests use
-    assert warmed == [((512, 384), (512, 384)), WARM_UP_SIZES]
+    assert warmed == [(), WARM_UP_SIZES]
 
 
 def test_flags_override_the_config_file():
@@ -85,32 +85,19 @@ def test_bad_flag_value_is_a_clear_error():
     assert out.returncode != 0 and "flux_device" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("size", [(256, 128)])
-def test_one_image_mode(tmp_path, size):
-    out_file = tmp_path / "demo.jpg"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "main.py",
-            "-c",
-            str(TINY_CONFIG),
-            "--prompt",
-            "a lighthouse",
-            "--width",
-            str(size[0]),
-            "--height",
-            str(size[1]),
-            "--num-steps",
-            "2",
-            "--seed",
-            "3",
-            "--output",
-            str(out_file),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_one_image_mode_with_a_cache_dir(tmp_path):
+    """One image written; --cache-dir holds the bytecode of what it imported, even under PYTHONDONTWRITEBYTECODE
+    (an installation without .pyc files would otherwise compile every module at every start)."""
+    out_file, cache = tmp_path / "demo.jpg", tmp_path / "cache"
+    cmd = [sys.executable, "main.py", "-c", str(TINY_CONFIG), "--prompt", "a lighthouse", "--width", "256",
+           "--height", "128", "--num-steps", "2", "--seed", "3", "-o", str(out_file),
+           "--cache-dir", str(cache)]  # fmt: skip
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert Image.open(out_file).size == size
+    assert Image.open(out_file).size == (256, 128)
+    tag = sys.implementation.cache_tag
+    own = cache / "pycache" / ROOT.resolve().relative_to("/") / f"flux_pipeline.{tag}.pyc"
+    assert own.is_file() and own.stat().st_size > 1000
+    assert any((cache / "pycache").rglob(f"torch/__init__.{tag}.pyc"))  # installed packages' bytecode too
+    assert f"start-up caches in {cache.resolve()}" in out.stderr
