@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from float8_quantize import F8Linear
@@ -101,3 +102,17 @@ def test_one_image_mode_with_a_cache_dir(tmp_path):
     assert own.is_file() and own.stat().st_size > 1000
     assert any((cache / "pycache").rglob(f"torch/__init__.{tag}.pyc"))  # installed packages' bytecode too
     assert f"start-up caches in {cache.resolve()}" in out.stderr
+
+
+def test_cache_dir_that_cannot_be_made_is_a_clear_error(tmp_path, monkeypatch):
+    from main import use_cache_dir
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(sys, "pycache_prefix", sys.pycache_prefix)  # restored even if the call went wrong
+    with pytest.raises(SystemExit, match="--cache-dir"):
+        use_cache_dir(str(blocker / "cache"))
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or str(blocker) not in os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert parse_args([]).cache_dir == os.environ.get("FLUX_CACHE_DIR")
+    monkeypatch.setenv("FLUX_CACHE_DIR", str(tmp_path / "from-env"))
+    assert parse_args([]).cache_dir == str(tmp_path / "from-env")
