@@ -104,8 +104,7 @@ class FluxPipeline:
         """Compile the flow model and warm it up: one step at the first size, two at the second, and so on. At
         two sizes the second compiles the dynamic-shape graph that later sizes reuse, so no request pays compile
         time; the step counts matter because the modulation table of a loop holds one row per step, and one row
-        compiles apart from several (size-1 specialization). No sizes: compile only; the first image compiles what
-        it needs (a one-image run)."""
+        compiles apart from several (size-1 specialization). A one-image run warms up at its own size twice."""
         start = time.perf_counter()
         torch._logging.set_logs(recompiles=True)  # a recompile after warm-up shows in the log
         compile_flow_model(self.model, self.config.compile_blocks, self.config.compile_extras)
@@ -113,10 +112,7 @@ class FluxPipeline:
             self.step_model.reset()  # graphs captured before would replay the uncompiled kernels
         for steps, (width, height) in enumerate(sizes, start=1):
             self.generate_images("warm-up", width, height, num_steps=steps, seed=0)
-        if sizes:
-            logger.info(f"compiled and warmed up the flow model in {time.perf_counter() - start:.1f} s")
-        else:
-            logger.info("flow model set to compile on its first call (no warm-up)")
+        logger.info(f"compiled and warmed up the flow model in {time.perf_counter() - start:.1f} s")
 
     @contextmanager
     def _on(self, module: torch.nn.Module, device: torch.device, offload: bool):

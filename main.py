@@ -124,9 +124,9 @@ def build_pipeline(args: argparse.Namespace):
 
     logger.info(f"imported the pipeline's code in {time.perf_counter() - start:.1f} s")
     overrides = config_overrides(args)
-    # one image: no warm-up; its first step compiles what it needs (a warm-up would also compile a one-step
-    # loop's graphs and run three steps and two decodes no one sees: ~1 s)
-    sizes = WARM_UP_SIZES if args.prompt is None else ()
+    # one image: warm up at its own size only (one step, then two), not at the sizes a server sees; compile
+    # happens at load, never in a request (SPEC), the image included
+    sizes = WARM_UP_SIZES if args.prompt is None else ((args.width, args.height),) * 2
     if args.config_path:
         return FluxPipeline.load_pipeline_from_config_path(args.config_path, sizes, **overrides)
     missing = [

@@ -55,14 +55,14 @@ def test_flags_map_to_config_keys():
     assert config_overrides(defaults) == {} and defaults.host == "127.0.0.1" and defaults.port == 8088
 
 
-def test_one_image_mode_skips_the_warm_up(monkeypatch):
+def test_one_image_mode_warms_up_at_its_own_size_only(monkeypatch):
     from flux_pipeline import WARM_UP_SIZES, FluxPipeline
 
-    warmed = []  # the sizes each load compiles and warms up at (compiling at the first image is a GPU test)
+    warmed = []  # the sizes each load compiles and warms up at (the warm-up itself is a GPU test)
     monkeypatch.setattr(FluxPipeline, "compile", lambda self, sizes=WARM_UP_SIZES: warmed.append(sizes))
     build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-C", "--prompt", "a fox", "--width", "512", "--height", "384"]))
     build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-C"]))  # a server warms up at the sizes requests use
-    assert warmed == [(), WARM_UP_SIZES]
+    assert warmed == [((512, 384), (512, 384)), WARM_UP_SIZES]
 
 
 def test_flags_override_the_config_file():
