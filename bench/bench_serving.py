@@ -6,11 +6,11 @@
    model (`float8_quantize.py`'s format), a BFL autoencoder file, and T5-XXL and CLIP-L as `transformers`
    folders (the tiny demo's tokenizers), plus a config (`configs/config-dev-1-H100.json` with these paths and
    `prequantized_flow: true`; compile on, T5 qfloat8 as shipped).
-2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile, one 28-step 1024x1024 image,
-   exit), timed from process start to exit, with an empty `--cache-dir` and again with the caches the first run
-   left (and with its compile caches but no bytecode cache, as without `--cache-dir`); then a server
-   (`main.py -c ...`) with the warm caches, from process start to ready (/health) and to its first 1024x1024
-   28-step image. Each with the times its log lines were written.
+2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile and warm-up, one 28-step
+   1024x1024 image, exit), timed from process start to exit, with an empty `--cache-dir` and again with the
+   caches the first run left (and with its compile caches but no bytecode cache, as without `--cache-dir`);
+   then a server (`main.py -c ...`) with the warm caches, from process start to ready (/health) and to its
+   first 1024x1024 28-step image. Each with the times its log lines were written.
 3. Replicas: `replicas.py` with one, then two GPUs; a bounded load test from 127.0.0.1 (`--per-replica`
    clients per replica, each sending 1024x1024 28-step requests to the replica with the fewest requests in
    flight, as nginx `least_conn` does) for `--seconds`; images per minute.
@@ -99,8 +99,9 @@ def log_offsets(log: Path, launched: float) -> dict[str, float]:
 
 
 def startup(config: Path, cache: Path, log: Path, cache_dir: bool = True) -> dict:
-    """Seconds from process start to exit of a one-image run (load, compile, 28 steps, JPEG), and when each phase
-    ended. `cache_dir`: with `--cache-dir cache` (compile caches and bytecode), else the compile caches only."""
+    """Seconds from process start to exit of a one-image run (load, compile + warm-up, 28 steps, JPEG), and when
+    each phase ended. `cache_dir`: with `--cache-dir cache` (compile caches and bytecode), else the compile caches
+    only."""
     out = log.with_suffix(".jpg")
     cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--prompt", REQUEST["prompt"], "--output",
            str(out), "--width", "1024", "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
