@@ -98,22 +98,32 @@ def log_offsets(log: Path, launched: float) -> dict[str, float]:
     return found
 
 
+def one_image_args(config: Path, out: Path) -> list[str]:
+    """main.py's arguments for the benchmark's one image (28 steps, 1024x1024, seed 1), written to `out`."""
+    return ["-c", str(config), "--prompt", REQUEST["prompt"], "--output", str(out), "--width", "1024",
+            "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
+
+
+def run_logged(cmd: list[str], env: dict, log: Path, timeout: float = 400) -> dict:
+    """Runs `cmd` to its end with its output in `log`: exit code, seconds from launch to exit, and when each phase
+    ended (`log_offsets`)."""
+    launched = time.time()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    return {"exit": code, "total_s": round(time.time() - launched, 2), "phases_s": log_offsets(log, launched)}
+
+
 def startup(config: Path, cache: Path, log: Path, cache_dir: bool = True) -> dict:
     """Seconds from process start to exit of a one-image run (load, compile + warm-up, 28 steps, JPEG), and when
     each phase ended. `cache_dir`: with `--cache-dir cache` (compile caches and bytecode), else the compile caches
     only."""
     out = log.with_suffix(".jpg")
-    cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--prompt", REQUEST["prompt"], "--output",
-           str(out), "--width", "1024", "--height", "1024", "--num-steps", "28", "--seed", "1"]  # fmt: skip
-    env = dict(os.environ) if cache_dir else cache_env(cache)
+    cmd = [sys.executable, str(ROOT / "main.py"), *one_image_args(config, out)]
     cmd += ["--cache-dir", str(cache)] if cache_dir else []
-    launched = time.time()
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=400).returncode
-    elapsed = time.time() - launched
-    if code != 0 or not out.exists():
-        raise SystemExit(f"one-image run failed ({code}); see {log}")
-    return {"total_s": round(elapsed, 2), "phases_s": log_offsets(log, launched)}
+    result = run_logged(cmd, dict(os.environ) if cache_dir else cache_env(cache), log)
+    if result.pop("exit") != 0 or not out.exists():
+        raise SystemExit(f"one-image run failed; see {log}")
+    return result
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_serving import REQUEST, log_offsets, startup, write_files  # noqa: E402
+from bench.bench_serving import one_image_args, run_logged, startup, write_files  # noqa: E402
 
 PROFILE = """
 import cProfile, pstats, sys
@@ -32,18 +32,6 @@ p = pstats.Stats({stats!r})
 p.sort_stats("cumulative").print_stats({top})
 p.sort_stats("tottime").print_stats({top})
 """
-
-
-def one_image_argv(config: Path, out: Path, cache: Path) -> list[str]:
-    return ["-c", str(config), "--prompt", REQUEST["prompt"], "--output", str(out), "--width", "1024",
-            "--height", "1024", "--num-steps", "28", "--seed", "1", "--cache-dir", str(cache)]  # fmt: skip
-
-
-def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    launched = time.time()
-    with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=500).returncode
-    return {"exit": code, "total_s": round(time.time() - launched, 2), "phases_s": log_offsets(log, launched)}
 
 
 def slowest_imports(log: Path, top: int) -> list[str]:
@@ -72,23 +60,23 @@ def main() -> None:
         result["cold"] = startup(config, cache, out / "cold.log")
         print("cold", json.dumps(result["cold"]), flush=True)
     env = dict(os.environ)
-    argv = one_image_argv(config, out / "image.jpg", cache)
+    argv = [*one_image_args(config, out / "image.jpg"), "--cache-dir", str(cache)]
     t = time.time()
     cuda = subprocess.run([sys.executable, "-c", "import torch, time; t = time.perf_counter(); "
                            "torch.empty(1, device='cuda'); print(time.perf_counter() - t)"],
                           capture_output=True, text=True, env=env)  # fmt: skip
     result["import torch + first CUDA tensor"] = {"total_s": round(time.time() - t, 2), "cuda_s": cuda.stdout}
-    result["warm"] = timed([sys.executable, str(ROOT / "main.py"), *argv], env, out / "warm.log")
+    result["warm"] = run_logged([sys.executable, str(ROOT / "main.py"), *argv], env, out / "warm.log")
     print("warm", json.dumps(result["warm"]), flush=True)
     env1 = dict(env, TORCHINDUCTOR_COMPILE_THREADS="1")
-    result["warm, compile threads 1"] = timed([sys.executable, str(ROOT / "main.py"), *argv], env1, out / "t1.log")
+    result["warm, compile threads 1"] = run_logged([sys.executable, str(ROOT / "main.py"), *argv], env1, out / "t1.log")
     print("threads 1", json.dumps(result["warm, compile threads 1"]), flush=True)
     imports = out / "importtime.log"
-    result["importtime"] = timed([sys.executable, "-X", "importtime", str(ROOT / "main.py"), *argv], env, imports)
+    result["importtime"] = run_logged([sys.executable, "-X", "importtime", str(ROOT / "main.py"), *argv], env, imports)
     stats = out / "startup.prof"
     script = PROFILE.format(argv=argv, root=str(ROOT), stats=str(stats), top=args.top)
     profile_log = out / "cprofile.log"
-    result["cprofile"] = timed([sys.executable, "-c", script], env, profile_log)
+    result["cprofile"] = run_logged([sys.executable, "-c", script], env, profile_log)
     print(json.dumps(result, indent=1))
     print("\n== slowest imports (cumulative)")
     print("\n".join(slowest_imports(imports, args.top)))
