@@ -1,7 +1,7 @@
 """End-to-end timing: prompt -> JPEG with random full-size T5-XXL, CLIP-L, FLUX.1-dev flow model and autoencoder.
 
     python bench/bench_e2e.py --out $OUT/e2e.json                 # H200: 28 steps at 1024x1024
-    python bench/bench_e2e.py --tiny --device cpu --steps 2       # smoke test of the script itself
+    python bench/bench_e2e.py --tiny --device cpu --steps 2 --size 256x256  # smoke test of the script
 
 Splits the time into text encoding, denoising and decoding (the pipeline logs the same split), after one
 warm-up image. The tokenizers are the tiny demo's (ids fit any vocabulary); weights are random, which costs
@@ -138,6 +138,19 @@ def main() -> None:
             pipe.decode(out, height, width)
         sync()
         phases["decode"].append(time.perf_counter() - t)
+    # the same decode with PyTorch's GroupNorm (`modules.group_norm` off), for the same-run comparison
+    from modules import group_norm
+
+    group_norm.ENABLED = False
+    torch_norm = []
+    for _ in range(args.reps):
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode(), pipe._on(pipe.ae, pipe.ae_device, args.offload):
+            pipe.decode(out, height, width)
+        sync()
+        torch_norm.append(time.perf_counter() - t)
+    group_norm.ENABLED = True
     result = {
         "size": args.size,
         "steps": args.steps,
@@ -149,6 +162,7 @@ def main() -> None:
         else [],
         "end_to_end_s": statistics.median(totals),
         **{f"{k}_s": statistics.median(v) for k, v in phases.items()},
+        "decode_torch_group_norm_s": statistics.median(torch_norm),
     }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

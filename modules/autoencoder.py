@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from modules.group_norm import group_norm
+
 
 @dataclass
 class AutoEncoderParams:
@@ -21,11 +23,7 @@ class AutoEncoderParams:
     shift_factor: float
 
 
-def swish(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(x)
-
-
-def _group_norm(channels: int) -> nn.GroupNorm:
+def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -34,14 +32,14 @@ class AttnBlock(nn.Module):
 
     def __init__(self, in_channels: int):
         super().__init__()
-        self.norm = _group_norm(in_channels)
+        self.norm = _norm(in_channels)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h_ = self.norm(x)
+        h_ = group_norm(self.norm, x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
         q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c").contiguous() for t in (q, k, v))
@@ -55,16 +53,16 @@ class ResnetBlock(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(swish(self.norm2(h)))
+        h = self.conv1(group_norm(self.norm1, x, swish=True))
+        h = self.conv2(group_norm(self.norm2, h, swish=True))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
@@ -120,7 +118,7 @@ class Encoder(nn.Module):
                 down.downsample = Downsample(block_in)
             self.down.append(down)
         self.mid = _mid(block_in)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,7 +129,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = self.down[i_level].downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))  # (B, 2*z, H/f, W/f): mean and log-variance
+        return self.conv_out(group_norm(self.norm_out, h, swish=True))  # (B, 2*z, H/f, W/f): mean, log-variance
 
 
 class Decoder(nn.Module):
@@ -155,7 +153,7 @@ class Decoder(nn.Module):
             if i_level != 0:
                 up.upsample = Upsample(block_in)
             self.up.insert(0, up)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = _norm(block_in)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -166,7 +164,7 @@ class Decoder(nn.Module):
                 h = self.up[i_level].block[i_block](h)
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(group_norm(self.norm_out, h, swish=True))
 
 
 class AutoEncoder(nn.Module):
