@@ -111,9 +111,10 @@ if triton is not None:
     #   `x / scale` was an approximate division per element (a special-function-unit op plus fix-ups);
     # - no clamp to +-448: |x| <= amax makes |x / scale| <= 448 up to a few float32 ulps, which round to 448
     #   (e4m3's largest value; the next rounding boundary is 464);
-    # - the GELU in two fused multiply-adds fewer (below).
+    # - the GELU's polynomial with two multiplies fewer (below).
     # Measured alone, same run (H200, graph replays, `bench/RESULTS.md`): GELU kernels per step 4.51 -> 3.75 ms,
-    # LayerNorm kernels 1.47 -> 1.24 ms; the e4m3 values move by one step in < 1% of elements (near-ties).
+    # LayerNorm kernels 1.47 -> 1.24 ms. Exact ties of the e4m3 rounding (~1% of elements) now round the other way
+    # from torch's division, half a step from the value either way.
 
     @triton.jit
     def _gelu_tanh(x, ROUND: tl.constexpr, FAST: tl.constexpr):

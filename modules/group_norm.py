@@ -28,6 +28,7 @@ except ImportError:  # CPU-only installs
 
 ENABLED = True  # False: the torch ops (benchmarks compare both in one run)
 CHUNK = 4096  # values per partial-moment program
+MAX_GRID = 65535  # CUDA's limit on a grid's second dimension: 268 M values per group (a 4096x4096 decode has 67 M)
 
 
 def group_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, swish: bool) -> Tensor:
@@ -48,6 +49,7 @@ def group_norm(norm: nn.GroupNorm, x: Tensor, swish: bool = False) -> Tensor:
         and x.dtype in _ROUND
         and norm.weight.device == x.device
         and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))  # no backward here
+        and x.shape[1] // norm.num_groups * x.shape[2] * x.shape[3] <= CHUNK * MAX_GRID  # values per group
     ):
         return torch.ops.flux_ae.group_norm(*args)
     return group_norm_reference(*args)

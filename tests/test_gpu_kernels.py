@@ -70,7 +70,7 @@ def test_group_norm_kernel(dtype, swish, shape, offset):
 
 
 @torch.no_grad()
-def test_group_norm_kernel_under_compile_and_fallbacks():
+def test_group_norm_kernel_under_compile_and_fallbacks(monkeypatch):
     torch.manual_seed(0)
     norm = _norm(64, torch.bfloat16)
     x = torch.randn(1, 64, 40, 40, device="cuda", dtype=torch.bfloat16)
@@ -86,6 +86,11 @@ def test_group_norm_kernel_under_compile_and_fallbacks():
         xg = x.clone().requires_grad_()
         gn.group_norm(norm, xg, swish=True).float().sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # groups too large for the launch grid take the torch ops (here: more than one chunk per group)
+    monkeypatch.setattr(gn, "MAX_GRID", 1)
+    big = torch.randn(1, 64, 50, 50, device="cuda", dtype=torch.bfloat16)
+    expected = gn.group_norm_reference(big, norm.weight, norm.bias, 32, 1e-6, True)
+    assert torch.equal(gn.group_norm(norm, big, swish=True), expected)
 
 
 @torch.no_grad()
