@@ -41,6 +41,7 @@ def intended(x: torch.Tensor, norm: torch.nn.GroupNorm, swish: bool) -> tuple[to
         ((2, 64, 37, 53), 0.0),  # odd sizes: one partial chunk per group
         ((1, 128, 96, 96), 0.0),  # 36,864 values per group: nine chunks, the last partial
         ((1, 64, 96, 96), 40.0),  # mean 400x the spread: the statistics must not cancel
+        ((1, 128, 1040, 1040), 0.0),  # 1,057 chunks per group: the combine loops (as at 1024x1024, 256 channels)
     ],
 )
 @torch.no_grad()
