@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
 from bench.bench_flow import random_model, random_weights_config  # noqa: E402
 from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
 from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
@@ -76,7 +77,10 @@ def main() -> None:
     ap.add_argument("--text-enc-device", help="default: --device")
     ap.add_argument("--ae-device", help="default: --device")
     ap.add_argument("--out")
+    ap.add_argument("--results", default=None, help="append the table here ('' for nowhere; default RESULTS.md)")
     args = ap.parse_args()
+    if args.results is None:
+        args.results = report.default_path(args.tiny)
     width, height = (int(v) for v in args.size.split("x"))
     enc_dev, ae_dev = args.text_enc_device or args.device, args.ae_device or args.device
     cfg = random_weights_config(
@@ -167,6 +171,18 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    row = [
+        f"{args.size}, {args.steps} steps",
+        "compiled" if args.compile else "eager",
+        f"{result['end_to_end_s']:.3f}",
+        *(f"{result[k]:.3f}" for k in ("text_s", "denoise_s", "decode_s", "decode_torch_group_norm_s")),
+        " / ".join(f"{g:.2f}" for g in result["peak_gib_per_gpu"]) or "-",
+    ]
+    header = ["image", "flow model", "prompt -> JPEG s", "text s", "denoise s", "decode s",
+              "decode with PyTorch's GroupNorm s", "peak GiB"]  # fmt: skip
+    devices = ", ".join(f"{k} {v}" for k, v in result["devices"].items())
+    title = f"End-to-end image (median of {args.reps}; {devices}{', offloaded' if args.offload else ''})"
+    report.append(args.results, title, args.device, [report.table(header, [row])])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import float8_quantize as f8  # noqa: E402
 import fp8_kernels  # noqa: E402
+from bench import report  # noqa: E402
 from cuda_graphs import GraphedFlow  # noqa: E402
 from flux_pipeline import compile_flow_model  # noqa: E402
 from modules import flux_model, qk_kernels, sampling  # noqa: E402
@@ -288,7 +289,10 @@ def main() -> None:
     ap.add_argument("--eager", default=None, help="variants to time eagerly (default: every built one)")
     ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--results", default=None, help="append the tables here ('' for nowhere; default RESULTS.md)")
     args = ap.parse_args()
+    if args.results is None:
+        args.results = report.default_path(args.tiny)
     t0 = time.perf_counter()
     p, dev = params(args.tiny), args.device
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -354,19 +358,28 @@ def main() -> None:
 
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    print("\n| variant | per-Linear median / max | per-block median / max |")
-    print("| --- | --- | --- |")
-    for k, v in result["accuracy"].items():
-        pl, pb = v["per_linear"], v["per_block"]
-        print(
-            f"| {k} | {100 * pl['median']:.2f}% / {100 * pl['max']:.2f}% | "
-            f"{100 * pb['median']:.2f}% / {100 * pb['max']:.2f}% |"
-        )
-    print("\n| variant | ms/step | it/s | peak GiB | first call s |")
-    print("| --- | --- | --- | --- | --- |")
-    for k, v in result["timing"].items():
-        print(f"| {k} | {v['ms']:.1f} | {v['it_s']:.2f} | {v['peak_gib']:.2f} | {v.get('first_call_s', 0):.1f} |")
+    tables = results_tables(result)
+    print("\n" + "\n\n".join(tables))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    report.append(args.results, f"Flow transformer ({args.reps} timed steps, median)", dev, tables)
+
+
+def results_tables(result: dict) -> list[str]:
+    def pct(s: dict) -> str:
+        return f"{100 * s['median']:.2f}% / {100 * s['max']:.2f}%"
+
+    accuracy = report.table(
+        ["variant", "per-Linear median / max", "per-block median / max"],
+        [[k, pct(v["per_linear"]), pct(v["per_block"])] for k, v in result["accuracy"].items()],
+    )
+    timing = report.table(
+        ["variant", "ms/step", "it/s", "peak GiB", "first call s"],
+        [
+            [k, f"{v['ms']:.1f}", f"{v['it_s']:.2f}", f"{v['peak_gib']:.2f}", f"{v.get('first_call_s', 0):.1f}"]
+            for k, v in result["timing"].items()
+        ],
+    )
+    return [accuracy, timing]
 
 
 if __name__ == "__main__":

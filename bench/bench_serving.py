@@ -33,6 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import report  # noqa: E402
+
 REQUEST = {"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 1024, "num_steps": 28}
 
 
@@ -234,6 +236,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--replica-overrides", default="{}", help="JSON config keys for the replicas (e.g. compile off)")
     ap.add_argument("--out")
+    ap.add_argument("--results", default=str(report.RESULTS), help="append the tables here ('' for nowhere)")
     args = ap.parse_args()
     work = Path(args.workdir)
     config = write_files(work)
@@ -270,6 +273,39 @@ def main() -> None:
     if args.gpus >= 2:
         result["scaling"] = result[f"replicas_{args.gpus}"]["images_per_min"] / result["replicas_1"]["images_per_min"]
     save()
+    tables = results_tables(result)
+    print("\n" + "\n\n".join(tables))
+    r = REQUEST
+    title = f"Start-up and serving ({r['width']}x{r['height']}, {r['num_steps']} steps; phases from process start)"
+    report.append(args.results, title, "cuda", tables)
+
+
+STARTUPS = {
+    "startup_cold_cache": "one image, empty `--cache-dir`",
+    "startup_warm_cache": "one image, warm `--cache-dir`",
+    "startup_warm_compile_cache_only": "one image, the compile caches through the environment, no bytecode cache",
+    "server_startup_warm_cache": "server, warm `--cache-dir`: ready / first response",
+}
+
+
+def results_tables(result: dict) -> list[str]:
+    tables = []
+    rows = []
+    for key, label in STARTUPS.items():
+        if key in result:
+            run = result[key]
+            phases = run["phases_s"]
+            total = f"{run['ready_s']} / {run['first_image_s']}" if "ready_s" in run else run["total_s"]
+            rows.append([label, total, *(phases.get(p, "-") for p in ("imported", "loaded", "warmed_up"))])
+    if rows:
+        tables.append(report.table(["run", "total s", "imports done", "loaded", "warmed up"], rows))
+    replicas = [v for k, v in result.items() if k.startswith("replicas_") and isinstance(v, dict)]
+    if replicas:
+        header = ["replicas", "clients", "ready s", "images", "failed", "images/min", "median latency s"]
+        keys = ["replicas", "clients", "ready_s", "images", "failed", "images_per_min", "median_latency_s"]
+        rows = [[f"{r[k]:.2f}" if isinstance(r[k], float) else r[k] for k in keys] for r in replicas]
+        tables.append(report.table(header, rows))
+    return tables
 
 
 if __name__ == "__main__":
