@@ -130,6 +130,14 @@ def main() -> None:
     img = sampling.pack(sampling.get_noise(1, height, width, 0)).to(args.device)
     ids, tids = sampling.img_ids(1, height, width).to(args.device), sampling.txt_ids(1, txt.shape[1]).to(args.device)
     steps = sampling.get_schedule(args.steps, img.shape[1])
+
+    def decode_s(latents: torch.Tensor) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode(), pipe._on(pipe.ae, pipe.ae_device, args.offload):
+            pipe.decode(latents, height, width)
+        sync()
+        return time.perf_counter() - t
+
     for _ in range(args.reps):
         sync()
         t = time.perf_counter()
@@ -137,24 +145,15 @@ def main() -> None:
             out = sampling.denoise(pipe.step_model, img, ids, txt, tids, vec, steps, 3.5)
         sync()
         phases["denoise"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        with torch.inference_mode(), pipe._on(pipe.ae, pipe.ae_device, args.offload):
-            pipe.decode(out, height, width)
-        sync()
-        phases["decode"].append(time.perf_counter() - t)
+        phases["decode"].append(decode_s(out))
     # the same decode with PyTorch's GroupNorm (`modules.group_norm` off), for the same-run comparison
     from modules import group_norm
 
     group_norm.ENABLED = False
-    torch_norm = []
-    for _ in range(args.reps):
-        sync()
-        t = time.perf_counter()
-        with torch.inference_mode(), pipe._on(pipe.ae, pipe.ae_device, args.offload):
-            pipe.decode(out, height, width)
-        sync()
-        torch_norm.append(time.perf_counter() - t)
-    group_norm.ENABLED = True
+    try:
+        torch_norm = [decode_s(out) for _ in range(args.reps)]
+    finally:
+        group_norm.ENABLED = True
     result = {
         "size": args.size,
         "steps": args.steps,
