@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modules.triton_support import ROUND as _ROUND
+from modules.triton_support import available, tl, triton
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 MIN_SCALE = 1e-12  # keeps all-zero rows/tensors finite
@@ -35,12 +38,6 @@ NORM_PASS = True  # LayerNorm + modulation + quantization
 # the GELU kernel's tanh as the GPU's approximate instruction (bench_flow '@exacttanh' turns it off): H200, same
 # run, 86.6 -> 86.0 ms per 1024x1024 step and 48.0 -> 47.2 at 768x768, fp8 error unchanged (bench/RESULTS.md)
 FAST_TANH = True
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
 
 
 def dynamic_quantize(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor]:
@@ -92,10 +89,6 @@ def layernorm_modulate_quantize(x: Tensor, scale: Tensor, shift: Tensor, eps: fl
     return layernorm_modulate_quantize_reference(x, scale, shift, eps)
 
 
-def available(x: Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
 def gelu_concat_quantize(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
     if GELU_PASS and available(b):
         return torch.ops.flux_fp8.gelu_concat_quantize(a, b)
@@ -103,8 +96,6 @@ def gelu_concat_quantize(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
 
 
 if triton is not None:
-    _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
     # These kernels are bound by instruction issue as much as by memory (H200: ~3.8e9 GELU elements per step at
     # ~1.5 GHz under the power cap), so each element costs as few instructions as the math allows:
     # - quantizing multiplies by the row's reciprocal scale, computed once per row with IEEE division, where

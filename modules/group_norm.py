@@ -20,11 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from modules.triton_support import ROUND as _ROUND
+from modules.triton_support import available, tl, triton
 
 ENABLED = True  # False: the torch ops (benchmarks compare both in one run)
 CHUNK = 4096  # values per partial-moment program
@@ -41,8 +38,7 @@ def group_norm(norm: nn.GroupNorm, x: Tensor, swish: bool = False) -> Tensor:
     args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, swish)
     if (
         ENABLED
-        and triton is not None
-        and x.is_cuda
+        and available(x)
         and x.ndim == 4
         and x.is_contiguous()
         and norm.affine
@@ -55,9 +51,7 @@ def group_norm(norm: nn.GroupNorm, x: Tensor, swish: bool = False) -> Tensor:
     return group_norm_reference(*args)
 
 
-_ROUND = {}
 if triton is not None:
-    _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
     def _moments_kernel(x_ptr, mean_ptr, m2_ptr, N, CHUNKS, BLOCK: tl.constexpr):

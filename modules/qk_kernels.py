@@ -13,18 +13,16 @@ activation dtype before and after the gain, and rotated in float32, as the unfus
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
+from modules import triton_support
+from modules.triton_support import ROUND as _ROUND
+from modules.triton_support import tl, triton
 
 ENABLED = True  # False: the torch ops (benchmarks compare both in one run)
 EPS = 1e-6  # the model's RMSNorm epsilon
 
 
 def available(x: Tensor) -> bool:
-    return ENABLED and triton is not None and x.is_cuda
+    return ENABLED and triton_support.available(x)
 
 
 def rms_norm(x: Tensor, gain: Tensor) -> Tensor:
@@ -76,7 +74,6 @@ def rms_norm_rope(
 
 
 if triton is not None:
-    _ROUND = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
     @triton.jit
     def _norm_rotate(x, gain, c00, c01, c10, c11, D: tl.constexpr, HP: tl.constexpr, ROUND: tl.constexpr):
