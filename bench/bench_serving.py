@@ -9,8 +9,9 @@
 2. Start-up to first image: `main.py --prompt ... --output ...` (load, compile and warm-up, one 28-step
    1024x1024 image, exit), timed from process start to exit, with an empty `--cache-dir` and again with the
    caches the first run left (and with its compile caches but no bytecode cache, as without `--cache-dir`);
-   then a server (`main.py -c ...`) with the warm caches, from process start to ready (/health) and to its
-   first 1024x1024 28-step image. Each with the times its log lines were written.
+   then a server (`main.py -c ...`) with those caches, from process start to ready (/health) and to its
+   first 1024x1024 28-step image, and the same server restarted (the first compiled the warm-up sizes the
+   one-image runs never saw). Each with the times its log lines were written.
 3. Replicas: `replicas.py` with one, then two GPUs; a bounded load test from 127.0.0.1 (`--per-replica`
    clients per replica, each sending 1024x1024 28-step requests to the replica with the fewest requests in
    flight, as nginx `least_conn` does) for `--seconds`; images per minute.
@@ -257,7 +258,11 @@ def main() -> None:
         # costs where the installation has no .pyc files (PYTHONDONTWRITEBYTECODE images)
         result["startup_warm_compile_cache_only"] = startup(config, cache, work / "startup-nobytecode.log", False)
         save()
+        # the one-image runs cached their own size only: this server compiles its other warm-up sizes (768x768)
         result["server_startup_warm_cache"] = server_startup(config, cache, work / "server-warm.log")
+        save()
+        # a restart, as a deployment restarts: every size it warms up at is in the cache now
+        result["server_restart"] = server_startup(config, cache, work / "server-restart.log")
         save()
     overrides = json.loads(args.replica_overrides)
     if overrides:
@@ -284,7 +289,8 @@ STARTUPS = {
     "startup_cold_cache": "one image, empty `--cache-dir`",
     "startup_warm_cache": "one image, warm `--cache-dir`",
     "startup_warm_compile_cache_only": "one image, the compile caches through the environment, no bytecode cache",
-    "server_startup_warm_cache": "server, warm `--cache-dir`: ready / first response",
+    "server_startup_warm_cache": "server, `--cache-dir` warmed by the one-image runs: ready / first response",
+    "server_restart": "server restarted (its warm-up sizes cached): ready / first response",
 }
 
 

@@ -76,6 +76,7 @@ def test_serving_tables_put_each_run_in_its_row():
         "startup_cold_cache": {"total_s": 122.01, "phases_s": dict(phases, loaded=96.0)},
         "startup_warm_cache": {"total_s": 18.43, "phases_s": phases},
         "server_startup_warm_cache": {"ready_s": 23.51, "first_image_s": 26.02, "phases_s": {"imported": 4.76}},
+        "server_restart": {"ready_s": 20.5, "first_image_s": 23.0, "phases_s": {"warmed_up": 19.9}},
         "replicas_1": {
             "replicas": 1,
             "clients": 2,
@@ -92,6 +93,7 @@ def test_serving_tables_put_each_run_in_its_row():
     assert startup.splitlines()[2:] == [
         "| one image, empty `--cache-dir` | 122.01 | 4.3 | 96.0 | 15.63 |",
         "| one image, warm `--cache-dir` | 18.43 | 4.3 | 10.24 | 15.63 |",
-        "| server, warm `--cache-dir`: ready / first response | 23.51 / 26.02 | 4.76 | - | - |",
+        "| server, `--cache-dir` warmed by the one-image runs: ready / first response | 23.51 / 26.02 | 4.76 | - | - |",
+        "| server restarted (its warm-up sizes cached): ready / first response | 20.5 / 23.0 | - | - | 19.9 |",
     ]
     assert replicas.splitlines()[2:] == ["| 1 | 2 | 25.10 | 20 | 0 | 20.00 | 5.30 |"]
