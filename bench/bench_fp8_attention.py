@@ -16,6 +16,7 @@ KTILE: k smoothed (its mean over tokens subtracted: softmax is unchanged) and sc
 EXP16: exponent in packed half precision (ex2.approx.f16x2: two per special-function op).
 LAZY:  the running maximum is only moved when a row's grows by more than 2 (log2 units); probabilities then
        reach 2^8 at most (offset 6), so e4m3 still holds them.
+WS:    the key loop warp-specialized (`tl.range(..., warp_specialize=True)`).
 """
 
 import argparse
