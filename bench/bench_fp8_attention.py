@@ -20,6 +20,7 @@ WS:    the key loop warp-specialized (`tl.range(..., warp_specialize=True)`).
 """
 
 import argparse
+import functools
 import itertools
 import math
 import statistics
@@ -180,7 +181,7 @@ def run_int8(packed, cfg):
     q8, k8, vq, sq, sk = packed
     b, seq, h, d = q8.shape
     bm, bn, w, st = cfg
-    out = torch.empty((b, seq, h * d), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty((b, seq, h * d), dtype=torch.bfloat16, device=q8.device)
     _kernel2[(seq // bm, b * h)](
         q8, k8, vq, sq, out, seq, h, math.log2(math.e) / math.sqrt(d),
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, V8=False, INT8=True, sq_ptr=sq, sk_ptr=sk, n_ktiles=sk.shape[-1],
@@ -193,7 +194,7 @@ def run2(packed, cfg, v8):
     q8, k8, vq, sv, sqk = packed
     b, seq, h, d = q8.shape
     bm, bn, w, st = cfg
-    out = torch.empty((b, seq, h * d), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty((b, seq, h * d), dtype=torch.bfloat16, device=q8.device)
     _kernel2[(seq // bm, b * h)](
         q8, k8, vq, sv, out, seq, h, sqk * math.log2(math.e) / math.sqrt(d),
         HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, V8=v8, num_warps=w, num_stages=st,
@@ -208,39 +209,77 @@ def main2():
                (64, 64, 4, 3), (128, 64, 8, 4)]  # fmt: skip
     for seq in (4608, 2816):
         for sharp in (1.0, 3.0):
-            q, k, v = inputs(seq, sharp=sharp)
-            b, h, _, d = q.shape
-            flops = 4 * b * h * seq * seq * d
-            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(b, seq, -1)
-            ql, kl, vl = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-                ref = lambda ql=ql, kl=kl, vl=vl: F.scaled_dot_product_attention(ql, kl, vl)
-                err = (ref().transpose(1, 2).reshape(b, seq, -1).float() - exact).norm() / exact.norm()
-                t = timed(ref)
+            q, k, v, flops, exact = problem(seq, sharp)
+            t, err = cudnn(*(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)), exact)
             print(f"\n== {seq} tokens, sharpness {sharp}: cuDNN bf16 (model layout) {t:.1f} us "
                   f"({flops / t / 1e6:.0f} TFLOP/s) error {100 * err:.2f}%", flush=True)  # fmt: skip
             for v8 in (False, True, "int8"):
-                best = None
-                for cfg in configs:
-                    try:
-                        if v8 == "int8":
-                            packed = quantize_int8(q, k, v, cfg[1])
-                            fn = lambda packed=packed, cfg=cfg: run_int8(packed, cfg)
-                        else:
-                            packed = quantize2(q, k, v, v8)
-                            fn = lambda packed=packed, cfg=cfg, v8=v8: run2(packed, cfg, v8)
-                        out = fn()
-                        err = (out.float() - exact).norm() / exact.norm()
-                        t = timed(fn)
-                    except Exception as e:  # a configuration Triton cannot build is reported
-                        print(f"  V8={v8} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        continue
-                    best = min(best or (t, cfg, err), (t, cfg, err), key=lambda x: x[0])
-                    print(f"  V8={v8} {cfg}: {t:.1f} us ({flops / t / 1e6:.0f} TFLOP/s) error {100 * err:.2f}%",
-                          flush=True)  # fmt: skip
-                if best:
-                    print(f"BEST {seq} sharp {sharp} V8={v8}: {best[0]:.1f} us {flops / best[0] / 1e6:.0f} TFLOP/s "
-                          f"cfg {best[1]} error {100 * best[2]:.2f}%", flush=True)  # fmt: skip
+                make = functools.partial(scales_call, q, k, v, v8)
+                sweep(f"V8={v8}", f"{seq} sharp {sharp} V8={v8}", configs, make, exact, flops, timing=True)
+
+
+def scales_call(q, k, v, v8, cfg):
+    """main2's variant `v8` at tile configuration `cfg`, its inputs quantized: the call to time."""
+    if v8 == "int8":
+        packed = quantize_int8(q, k, v, cfg[1])
+        return lambda: run_int8(packed, cfg)
+    packed = quantize2(q, k, v, v8)
+    return lambda: run2(packed, cfg, v8)
+
+
+def per_token_call(q, k, v, flags, cfg):
+    """main's variant `flags` at `cfg`, its inputs quantized (None where the tiles do not divide the tokens)."""
+    seq = q.shape[2]
+    if seq % cfg[0] or seq % cfg[1]:
+        return None
+    packed = quantize(q, k, v, cfg[1] if flags["KTILE"] else None)
+    return lambda: run(packed, cfg, flags)
+
+
+def problem(seq: int, sharp: float):
+    """The inputs at `seq` tokens, the FLOPs of one attention over them, and float32 SDPA's output as (B, L, H*D)."""
+    q, k, v = inputs(seq, sharp=sharp)
+    b, h, _, d = q.shape
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(b, seq, -1)
+    return q, k, v, 4 * b * h * seq * seq * d, exact
+
+
+def rel_error(out, exact) -> float:
+    """Relative L2 error of a (B, L, H*D) output."""
+    return ((out.float() - exact).norm() / exact.norm()).item()
+
+
+def cudnn(q, k, v, exact, timing: bool = True) -> tuple[float, float]:
+    """cuDNN's bf16 SDPA on (B, H, L, D) q, k, v: us per call (nan unless `timing`) and its error."""
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
+        call = lambda: F.scaled_dot_product_attention(q, k, v)
+        out = call().transpose(1, 2).reshape(exact.shape)
+        return timed(call) if timing else float("nan"), rel_error(out, exact)
+
+
+def sweep(name: str, label: str, configs, make, exact, flops: float, timing: bool) -> None:
+    """Every tile configuration of one variant: `make(cfg)` gives the call (None: not for this size); prints each
+    one's time and error, then the fastest. Without `timing`, the error of the first configuration only."""
+    best = None
+    for cfg in configs:
+        try:
+            fn = make(cfg)
+            if fn is None:
+                continue
+            err = rel_error(fn(), exact)
+            t = timed(fn) if timing else float("nan")
+        except Exception as e:  # a configuration Triton cannot build is reported
+            print(f"  {name} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        if not timing:
+            print(f"  {name} {cfg}: error {100 * err:.2f}%", flush=True)
+            break
+        if best is None or t < best[0]:
+            best = (t, cfg, err)
+        print(f"  {name} {cfg}: {t:.1f} us ({flops / t / 1e6:.0f} TFLOP/s) error {100 * err:.2f}%", flush=True)
+    if best:
+        print(f"BEST {label}: {best[0]:.1f} us {flops / best[0] / 1e6:.0f} TFLOP/s cfg {best[1]} "
+              f"error {100 * best[2]:.2f}%", flush=True)  # fmt: skip
 
 
 def quantize(q, k, v, ktile: int | None):
@@ -268,7 +307,7 @@ def run(packed, cfg, flags, dtype=torch.bfloat16):
     q8, sq, k8, sk, vt8, sv = packed
     b, h, seq, d = q8.shape
     bm, bn, w, st = cfg
-    out = torch.empty((b, seq, h * d), dtype=dtype, device="cuda")
+    out = torch.empty((b, seq, h * d), dtype=dtype, device=q8.device)
     n_ktiles = sk.shape[-1] if flags["KTILE"] else 0
     _kernel[(seq // bm, b * h)](
         q8, k8, vt8, sq, sk, sv, out, seq, h, vt8.stride(-2), n_ktiles, math.log2(math.e) / math.sqrt(d),
@@ -328,47 +367,15 @@ def main(grid: str):
                (128, 128, 4, 2), (128, 128, 8, 4)]  # fmt: skip
     for seq in seqs:
         for sharp in sharps:
-            q, k, v = inputs(seq, sharp=sharp)
-            b, h, _, d = q.shape
-            flops = 4 * b * h * seq * seq * d
-            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(b, seq, -1)
-            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-                ref = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)
-                err = (ref().transpose(1, 2).reshape(b, seq, -1).float() - exact).norm() / exact.norm()
-                t = timed(ref) if sharp == 1.0 else float("nan")
-                ql, kl, vl = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
-                t2 = timed(lambda ql=ql, kl=kl, vl=vl: F.scaled_dot_product_attention(ql, kl, vl))
-                print(f"cuDNN on (B, L, H, D) memory as the model has it: {t2:.1f} us", flush=True)
+            q, k, v, flops, exact = problem(seq, sharp)
+            t, err = cudnn(q, k, v, exact, timing=sharp == 1.0)
+            t2, _ = cudnn(*(x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)), exact)
+            print(f"cuDNN on (B, L, H, D) memory as the model has it: {t2:.1f} us", flush=True)
             print(f"\n== {seq} tokens, sharpness {sharp}: cuDNN bf16 {t:.1f} us ({flops / t / 1e6:.0f} TFLOP/s) "
                   f"error {100 * err:.2f}%", flush=True)  # fmt: skip
             for flags in variants:
-                best = None
-                for cfg in configs:
-                    bn = cfg[1]
-                    if seq % cfg[0] or seq % bn:
-                        continue
-                    packed = quantize(q, k, v, bn if flags["KTILE"] else None)
-                    try:
-                        out = run(packed, cfg, flags)
-                        err = (out.float() - exact).norm() / exact.norm()
-                        t = (
-                            timed(lambda packed=packed, cfg=cfg, flags=flags: run(packed, cfg, flags))
-                            if sharp == 1.0
-                            else float("nan")
-                        )
-                    except Exception as e:  # a configuration Triton cannot build is reported
-                        print(f"  {flags} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        continue
-                    if sharp != 1.0:
-                        print(f"  {flags} {cfg}: error {100 * err:.2f}%", flush=True)
-                        break
-                    if best is None or t < best[0]:
-                        best = (t, cfg, err)
-                    print(f"  {flags} {cfg}: {t:.1f} us ({flops / t / 1e6:.0f} TFLOP/s) error {100 * err:.2f}%",
-                          flush=True)  # fmt: skip
-                if best:
-                    print(f"BEST {seq} {flags}: {best[0]:.1f} us {flops / best[0] / 1e6:.0f} TFLOP/s cfg {best[1]} "
-                          f"error {100 * best[2]:.2f}%", flush=True)  # fmt: skip
+                make = functools.partial(per_token_call, q, k, v, flags)
+                sweep(str(flags), f"{seq} {flags}", configs, make, exact, flops, timing=sharp == 1.0)
 
 
 if __name__ == "__main__":
