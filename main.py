@@ -13,6 +13,12 @@ DEFAULT_CONFIGS = {
     "flux-dev": Path(__file__).parent / "configs" / "config-dev-1-H100.json",
     "flux-schnell": Path(__file__).parent / "configs" / "config-schnell-1-H100.json",
 }
+# what `--cache-dir` keeps besides Python's bytecode: environment variable -> its folder there
+COMPILE_CACHES = {
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "TRITON_CACHE_DIR": "triton",
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",
+}
 QUANT_CHOICES = {
     "qfloat8": "qfloat8",
     "qint2": "qint2",
@@ -107,8 +113,7 @@ def use_cache_dir(path: str) -> None:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --cache-dir {path}: {e}") from None
-    for var, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"),
-                     ("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("PYTHONPYCACHEPREFIX", "pycache")):  # fmt: skip
+    for var, sub in {**COMPILE_CACHES, "PYTHONPYCACHEPREFIX": "pycache"}.items():
         os.environ[var] = str(root / sub)
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]

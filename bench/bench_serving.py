@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import report  # noqa: E402
+from main import COMPILE_CACHES  # noqa: E402
 
 REQUEST = {"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 1024, "num_steps": 28}
 
@@ -80,9 +81,7 @@ def write_files(work: Path, device: str = "cuda", tiny_model: bool = False) -> P
 
 def cache_env(cache: Path) -> dict[str, str]:
     """The compile caches of `main.py --cache-dir cache` set through the environment, without its bytecode."""
-    dirs = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
-            "TORCH_EXTENSIONS_DIR": "torch_extensions"}  # fmt: skip
-    return dict(os.environ, **{var: str(cache / sub) for var, sub in dirs.items()})
+    return dict(os.environ, **{var: str(cache / sub) for var, sub in COMPILE_CACHES.items()})
 
 
 def log_offsets(log: Path, launched: float) -> dict[str, float]:
