@@ -6,6 +6,7 @@ for the opt-in fast mode of issue 7: nothing here is used by the library (result
     python3 bench/bench_fp8_attention.py --grid per-token   # KTILE x EXP16 x LAZY, 4608 and 2816 tokens
     python3 bench/bench_fp8_attention.py --grid ws          # KTILE x warp specialization, 4608 tokens
     python3 bench/bench_fp8_attention.py --grid scales      # one scale for q and k; int8 q/k; bf16 p @ v
+    python3 bench/bench_fp8_attention.py --grid cudnn       # cuDNN's own fp8 attention (modules/fp8_attention.py)
 
 Inputs: RMS-normalized q and k with four strong channels (k with a per-channel offset too); `sharpness` scales
 the logits (3: nearly one-hot rows).
@@ -378,8 +379,37 @@ def main(grid: str):
                 sweep(str(flags), f"{seq} {flags}", configs, make, exact, flops, timing=sharp == 1.0)
 
 
+def main_cudnn():
+    """cuDNN's fp8 attention (the library's opt-in `fp8_attention`), the kernel alone on quantized inputs, q and k
+    scaled by the RMS norm's bound (as the model does) or by their measured maximum; error of cuDNN's output and
+    of the library's torch-op emulation of it (`fp8_attention.emulate`)."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from modules import fp8_attention as fa
+
+    cudnn_fe = fa._cudnn()
+    print(f"cuDNN backend {cudnn_fe.backend_version()} (torch's: {torch.backends.cudnn.version()}), "
+          f"frontend {getattr(cudnn_fe, '__version__', '?')}", flush=True)  # fmt: skip
+    for seq in (4608, 2816):
+        for sharp in (1.0, 3.0):
+            q, k, v, flops, exact = problem(seq, sharp)
+            q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))  # the model's layout
+            t, err = cudnn(q, k, v, exact)
+            print(f"\n== {seq} tokens, sharpness {sharp}: cuDNN bf16 {t:.1f} us ({flops / t / 1e6:.0f} TFLOP/s) "
+                  f"error {100 * err:.2f}%", flush=True)  # fmt: skip
+            bound = torch.tensor(2 * sharp * math.sqrt(q.shape[-1]), device="cuda")  # inputs(): rms 2 * sharp
+            for name, bq, bk in (("bound", bound, bound), ("amax", q.abs().amax(), k.abs().amax())):
+                packed = fa.quantize(q, k, v, bq, bk)
+                kernel = functools.partial(torch.ops.flux_ops.cudnn_fp8_sdpa, *packed)
+                sv = packed[3][2, 0]
+                err = rel_error(kernel().flatten(2).float() * sv, exact)
+                emulated = rel_error(fa.emulate(*packed).flatten(2).float() * sv, exact)
+                tk = timed(kernel)
+                print(f"  cuDNN fp8, q/k by {name}: {tk:.1f} us ({flops / tk / 1e6:.0f} TFLOP/s), "
+                      f"error {100 * err:.2f}% (torch-op emulation {100 * emulated:.2f}%)", flush=True)  # fmt: skip
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--grid", choices=[*GRIDS, "scales"], default="scales")
+    ap.add_argument("--grid", choices=[*GRIDS, "scales", "cudnn"], default="scales")
     grid = ap.parse_args().grid
-    sys.exit(main2() if grid == "scales" else main(grid))
+    sys.exit(main2() if grid == "scales" else main_cudnn() if grid == "cudnn" else main(grid))
