@@ -159,13 +159,24 @@ class F8Linear(nn.Module):
         dynamic = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
         return dynamic and fp8_kernels.available(x)
 
-    def forward_gelu_concat(self, a: Tensor | None, b: Tensor) -> Tensor:
-        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None), the GELU, the concatenation and the quantization
-        in one pass where `fuses_input_ops`."""
+    def forward_gelu_concat(self, a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> Tensor:
+        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None; e4m3 with the float32 scale `a_scale` if given),
+        the GELU, the concatenation and the quantization in one pass where `fuses_input_ops`."""
         if not self.fuses_input_ops(b):
+            if a_scale is not None:
+                a = (a.float() * a_scale).to(b.dtype)
             x = nn.functional.gelu(b, approximate="tanh")
             return self(x if a is None else torch.cat((a, x), dim=-1))
-        return self._matmul(*fp8_kernels.gelu_concat_quantize(a, b)).reshape(*b.shape[:-1], self.out_features)
+        xq, scale = fp8_kernels.gelu_concat_quantize(a, b, a_scale)
+        return self._matmul(xq, scale).reshape(*b.shape[:-1], self.out_features)
+
+    def forward_quantized(self, xq: Tensor, scale: Tensor) -> Tensor:
+        """`self(x)` for x given as e4m3 `xq` with one float32 `scale` (the fp8 attention's output): no
+        quantization pass where the matmul runs in fp8."""
+        if not self.use_fp8 or self.calibrating:
+            return self((xq.float() * scale).to(self.out_dtype))
+        shape = xq.shape
+        return self._matmul(xq.reshape(-1, shape[-1]), scale.float()).reshape(*shape[:-1], self.out_features)
 
     def forward_modulated(self, x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
         """`self((1 + scale) * layer_norm(x) + shift)` (no affine LayerNorm), the LayerNorm, the modulation and

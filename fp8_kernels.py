@@ -65,10 +65,13 @@ def quantizer(cuda: bool) -> Callable:
     return _fused(quantize) if cuda else quantize
 
 
-def gelu_concat_quantize_reference(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(..., Ka) and (..., Kb) -> e4m3 rows of `cat(a, gelu_tanh(b))` as (M, Ka + Kb), and (M, 1) float32 scales."""
+def gelu_concat_quantize_reference(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(..., Ka) and (..., Kb) -> e4m3 rows of `cat(a, gelu_tanh(b))` as (M, Ka + Kb), and (M, 1) float32 scales.
+    `a_scale`: `a` is e4m3 with this float32 scale (the fp8 attention's output)."""
     x = F.gelu(b, approximate="tanh")
-    if a is not None:
+    if a_scale is not None:
+        x = torch.cat((a.float() * a_scale, x.float()), dim=-1)
+    elif a is not None:
         x = torch.cat((a, x), dim=-1)
     x = x.reshape(-1, x.shape[-1])
     return dynamic_quantize(x, per_token=True)
@@ -89,10 +92,10 @@ def layernorm_modulate_quantize(x: Tensor, scale: Tensor, shift: Tensor, eps: fl
     return layernorm_modulate_quantize_reference(x, scale, shift, eps)
 
 
-def gelu_concat_quantize(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
+def gelu_concat_quantize(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     if GELU_PASS and available(b):
-        return torch.ops.flux_fp8.gelu_concat_quantize(a, b)
-    return gelu_concat_quantize_reference(a, b)
+        return torch.ops.flux_fp8.gelu_concat_quantize(a, b, a_scale)
+    return gelu_concat_quantize_reference(a, b, a_scale)
 
 
 if triton is not None:
@@ -150,9 +153,13 @@ if triton is not None:
     def _gelu_concat_quantize_kernel(
         a_ptr, b_ptr, q_ptr, s_ptr, a_stride, b_stride, KA, KB,
         HAS_A: tl.constexpr, ROUND: tl.constexpr, FAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-        RESIDENT: tl.constexpr, BLOCK: tl.constexpr,
+        RESIDENT: tl.constexpr, BLOCK: tl.constexpr, a_scale_ptr=None, A_SCALED: tl.constexpr = False,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
+        if A_SCALED:  # `a` in e4m3 with one float32 scale
+            sa = tl.load(a_scale_ptr)
+        else:
+            sa = 1.0
         a_row = a_ptr + row * a_stride
         b_row = b_ptr + row * b_stride
         q_row = q_ptr + row * (KA + KB)
@@ -162,7 +169,7 @@ if triton is not None:
             amax = tl.max(tl.abs(xb), axis=0)
             if HAS_A:
                 ca = tl.arange(0, BLOCK_A)
-                xa = tl.load(a_row + ca, mask=ca < KA, other=0.0).to(tl.float32)
+                xa = tl.load(a_row + ca, mask=ca < KA, other=0.0).to(tl.float32) * sa
                 amax = tl.maximum(amax, tl.max(tl.abs(xa), axis=0))
             scale = tl.maximum(amax / 448.0, 1e-12)
             tl.store(s_ptr + row, scale)
@@ -176,7 +183,7 @@ if triton is not None:
             if HAS_A:
                 for start in range(0, KA, BLOCK):
                     mask = start + cols < KA
-                    x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32) * sa
                     acc = tl.maximum(acc, tl.abs(x))
             for start in range(0, KB, BLOCK):
                 mask = start + cols < KB
@@ -188,7 +195,7 @@ if triton is not None:
             if HAS_A:
                 for start in range(0, KA, BLOCK):
                     mask = start + cols < KA
-                    x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(a_row + start + cols, mask=mask, other=0.0).to(tl.float32) * sa
                     tl.store(q_row + start + cols, (x * r).to(tl.float8e4nv), mask=mask)
             for start in range(0, KB, BLOCK):
                 mask = start + cols < KB
@@ -252,7 +259,7 @@ if triton is not None:
         return x if x.stride(-1) == 1 else x.contiguous()
 
     @torch.library.custom_op("flux_fp8::gelu_concat_quantize", mutates_args=())
-    def _gelu_concat_quantize_op(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
+    def _gelu_concat_quantize_op(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
         b2 = _rows(b)
         a2 = _rows(a) if a is not None else b2
         ka = a2.shape[1] if a is not None else 0
@@ -263,13 +270,13 @@ if triton is not None:
             with torch.cuda.device(b.device):
                 _gelu_concat_quantize_kernel[(m,)](
                     a2, b2, q, scale, a2.stride(0), b2.stride(0), ka, kb, HAS_A=a is not None, ROUND=_ROUND[b.dtype],
-                    FAST=FAST_TANH,
+                    FAST=FAST_TANH, a_scale_ptr=a_scale, A_SCALED=a_scale is not None,
                     BLOCK_A=triton.next_power_of_2(max(ka, 1)), BLOCK_B=triton.next_power_of_2(kb),
                 )  # fmt: skip
         return q, scale
 
     @_gelu_concat_quantize_op.register_fake
-    def _(a: Tensor | None, b: Tensor) -> tuple[Tensor, Tensor]:
+    def _(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
         m = b.numel() // b.shape[-1]
         k = b.shape[-1] + (a.shape[-1] if a is not None else 0)
         return b.new_empty((m, k), dtype=E4M3), b.new_empty((m, 1), dtype=torch.float32)

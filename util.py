@@ -106,6 +106,7 @@ class ModelSpec(BaseModel):
     f8_weight_scaling: Literal["per_channel", "per_tensor"] = "per_channel"
     f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = "dynamic_per_token"
     f8_fast_accum: bool = True
+    fp8_attention: bool = False  # opt-in fast mode: attention in e4m3 too (not exact; modules/fp8_attention.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -258,10 +259,27 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
 
 
 def load_flow_model(config: ModelSpec) -> nn.Module:
-    """The flow transformer on `flux_device` in `flow_dtype`, fp8 linears if `flow_quantization_dtype` is qfloat8."""
+    """The flow transformer on `flux_device` in `flow_dtype`, fp8 linears if `flow_quantization_dtype` is qfloat8,
+    fp8 attention if `fp8_attention`."""
+    device = check_device(config.flux_device, "flux_device")
+    if config.fp8_attention:  # checked before any weight is read
+        from modules import fp8_attention
+
+        head_dim = config.params.hidden_size // config.params.num_heads
+        if device.type == "cuda" and (problem := fp8_attention.unsupported(device, head_dim)):
+            raise ValueError(f"fp8_attention: {problem}")
+        if device.type != "cuda":
+            logger.warning(f"fp8_attention on {device}: torch ops emulate cuDNN's fp8 math, slower than the default")
+    model = _load_flow_weights(config, device)
+    if config.fp8_attention:
+        model.use_fp8_attention(True)
+        logger.info("fp8 attention on: e4m3 q, k, v, probabilities and output (opt-in, not exact; see README)")
+    return model
+
+
+def _load_flow_weights(config: ModelSpec, device: torch.device) -> nn.Module:
     import float8_quantize
 
-    device = check_device(config.flux_device, "flux_device")
     with torch.device("meta"):
         model = Flux(FluxParams(**config.params.model_dump()))
     if config.flow_fp8:

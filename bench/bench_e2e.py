@@ -74,6 +74,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="compile blocks and extras (warm-up included)")
     ap.add_argument("--offload", action="store_true", help="offload_text_encoder + offload_vae")
+    ap.add_argument("--fp8-attention", action="store_true", help="the opt-in fp8 attention (config fp8_attention)")
     ap.add_argument("--text-enc-device", help="default: --device")
     ap.add_argument("--ae-device", help="default: --device")
     ap.add_argument("--out")
@@ -92,6 +93,7 @@ def main() -> None:
     import float8_quantize as f8
 
     model = f8.quantize_flow_model(random_model(cfg["params"], args.device, torch.bfloat16), f8.F8Settings())
+    model.use_fp8_attention(args.fp8_attention)
     with torch.device(ae_dev):
         ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"])).to(torch.bfloat16).eval().requires_grad_(False)
     clip, t5 = random_encoders(args.tiny, enc_dev, torch.bfloat16)
@@ -158,6 +160,7 @@ def main() -> None:
         "size": args.size,
         "steps": args.steps,
         "compiled": args.compile,
+        "fp8_attention": args.fp8_attention,
         "offload": args.offload,
         "devices": {"flux": args.device, "text_enc": enc_dev, "ae": ae_dev},
         "peak_gib_per_gpu": [torch.cuda.max_memory_allocated(d) / 2**30 for d in range(torch.cuda.device_count())]
@@ -172,7 +175,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     row = [
         f"{args.size}, {args.steps} steps",
-        "compiled" if args.compile else "eager",
+        ("compiled" if args.compile else "eager") + (", fp8 attention" if args.fp8_attention else ""),
         f"{result['end_to_end_s']:.3f}",
         *(f"{result[k]:.3f}" for k in ("text_s", "denoise_s", "decode_s", "decode_torch_group_norm_s")),
         " / ".join(f"{g:.2f}" for g in result["peak_gib_per_gpu"]) or "-",

@@ -43,6 +43,8 @@ MODES = {  # name: (weight scaling, activation scaling, fast accumulation)
     "fp8 ch/static": ("per_channel", "static_per_tensor", True),
 }
 
+FP8_ATTN = "fp8 ch/tok + fp8 attention"  # the opt-in fast mode (`--fp8-attention`)
+
 
 def architecture_config(tiny: bool) -> dict:
     """The shipped config of the tiny demo or of full-size FLUX.1-dev, as a dict."""
@@ -287,6 +289,11 @@ def main() -> None:
     )
     ap.add_argument("--modes", default=",".join(MODES), help="fp8 modes to build (accuracy and eager timing)")
     ap.add_argument("--eager", default=None, help="variants to time eagerly (default: every built one)")
+    ap.add_argument(
+        "--fp8-attention",
+        action="store_true",
+        help=f"also build '{FP8_ATTN}': the default fp8 mode with the opt-in fp8 attention (config fp8_attention)",
+    )
     ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
     ap.add_argument("--out", default=None)
     ap.add_argument("--results", default=None, help="append the tables here ('' for nowhere; default RESULTS.md)")
@@ -313,6 +320,10 @@ def main() -> None:
         if a == "static_per_tensor":
             f8.calibrate(model, torch.bfloat16)
         variants[name] = model
+    if args.fp8_attention:
+        w, a, fast = MODES["fp8 ch/tok"]
+        variants[FP8_ATTN] = f8.quantize_flow_model(copy.deepcopy(bf16), f8.F8Settings(w, a), fast_accum=fast)
+        variants[FP8_ATTN].use_fp8_attention(True)
     sync(dev)
     print(f"built {len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
 

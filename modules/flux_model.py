@@ -9,7 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from modules import qk_kernels
+from modules import fp8_attention, qk_kernels
 
 
 @dataclass
@@ -150,14 +150,24 @@ def _mlp(hidden_size: int, mlp_hidden_dim: int) -> nn.Sequential:
     )
 
 
-def gelu_linear(linear: nn.Module, a: Tensor | None, b: Tensor) -> Tensor:
-    """`linear(cat((a, gelu_tanh(b)), -1))`; an fp8 layer (`F8Linear.forward_gelu_concat`) fuses the GELU, the
-    concatenation and its input quantization into one pass."""
+def gelu_linear(linear: nn.Module, a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> Tensor:
+    """`linear(cat((a, gelu_tanh(b)), -1))` (`a`: e4m3 with the float32 scale `a_scale` if given); an fp8 layer
+    (`F8Linear.forward_gelu_concat`) fuses the GELU, the concatenation and its input quantization into one pass."""
     fused = getattr(linear, "forward_gelu_concat", None)
     if fused is not None:
-        return fused(a, b)
+        return fused(a, b, a_scale)
+    if a_scale is not None:
+        a = fp8_attention.dequantize(a, a_scale, b.dtype)
     x = F.gelu(b, approximate="tanh")
     return linear(x if a is None else torch.cat((a, x), dim=-1))
+
+
+def quantized_linear(linear: nn.Module, xq: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """`linear(x)` for x given as e4m3 `xq` with a float32 `scale`: an fp8 layer takes it as it is."""
+    fused = getattr(linear, "forward_quantized", None)
+    if fused is not None:
+        return fused(xq, scale)
+    return linear(fp8_attention.dequantize(xq, scale, dtype))
 
 
 def modulated_linear(linear: nn.Module, norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tensor:
@@ -193,6 +203,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(hidden_size, num_heads=num_heads, qkv_bias=qkv_bias)
         self.txt_norm2 = _layer_norm(hidden_size)
         self.txt_mlp = _mlp(hidden_size, mlp_hidden_dim)
+        self.fp8_attention = False  # `Flux.use_fp8_attention`
 
     def forward(
         self, img: Tensor, txt: Tensor, vec: Tensor | None, pe: Tensor, mods: Tensor | None = None
@@ -206,14 +217,22 @@ class DoubleStreamBlock(nn.Module):
 
         # joint attention over [txt, img] tokens
         streams = [(txt_qkv, *self.txt_attn.norm.gains()), (img_qkv, *self.img_attn.norm.gains())]
-        attn = attention(*qk_kernels.rms_norm_rope(streams, pe, self.num_heads))
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        if self.fp8_attention:
+            attn, scale = fp8_attention.attention(streams, pe, self.num_heads)
+            img_proj, txt_proj = (quantized_linear(a.proj, x, scale, img.dtype) for a, x in self._split(attn, txt))
+        else:
+            attn = attention(*qk_kernels.rms_norm_rope(streams, pe, self.num_heads))
+            img_proj, txt_proj = (a.proj(x) for a, x in self._split(attn, txt))
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        img = img + img_mod1.gate * img_proj
         img = img + img_mod2.gate * _run_mlp(self.img_mlp, self.img_norm2, img, img_mod2)
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
+        txt = txt + txt_mod1.gate * txt_proj
         txt = txt + txt_mod2.gate * _run_mlp(self.txt_mlp, self.txt_norm2, txt, txt_mod2)
         return img, txt
+
+    def _split(self, attn: Tensor, txt: Tensor) -> list[tuple[nn.Module, Tensor]]:
+        """The joint attention output's image and text tokens, each with its stream's attention module."""
+        return [(self.img_attn, attn[:, txt.shape[1] :]), (self.txt_attn, attn[:, : txt.shape[1]])]
 
 
 class SingleStreamBlock(nn.Module):
@@ -229,14 +248,19 @@ class SingleStreamBlock(nn.Module):
         self.pre_norm = _layer_norm(hidden_size)
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
+        self.fp8_attention = False  # `Flux.use_fp8_attention`
 
     def forward(self, x: Tensor, vec: Tensor | None, pe: Tensor, mods: Tensor | None = None) -> Tensor:
         """`mods`: (B, 3 * hidden) precomputed output of the modulation (see `Flux.modulation_table`)."""
         mod, _ = self.modulation(vec, mods)
         h = modulated_linear(self.linear1, self.pre_norm, x, mod)
         qkv, mlp = torch.split(h, [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        attn = attention(*qk_kernels.rms_norm_rope([(qkv, *self.norm.gains())], pe, self.num_heads))
-        output = gelu_linear(self.linear2, attn, mlp)  # = linear2(cat(attn, mlp_act(mlp)))
+        streams = [(qkv, *self.norm.gains())]
+        if self.fp8_attention:
+            attn, scale = fp8_attention.attention(streams, pe, self.num_heads)
+        else:
+            attn, scale = attention(*qk_kernels.rms_norm_rope(streams, pe, self.num_heads)), None
+        output = gelu_linear(self.linear2, attn, mlp, scale)  # = linear2(cat(attn, mlp_act(mlp)))
         return x + mod.gate * output
 
 
@@ -289,6 +313,11 @@ class Flux(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.final_layer.linear.weight.dtype
+
+    def use_fp8_attention(self, enabled: bool = True) -> None:
+        """Every block's attention in e4m3 (`modules/fp8_attention.py`: faster, not exact) or the default bf16."""
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.fp8_attention = enabled
 
     def forward(
         self,

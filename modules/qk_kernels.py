@@ -89,7 +89,12 @@ if triton is not None:
         qkv_ptr, qg_ptr, kg_ptr, pe_ptr, q_ptr, k_ptr, v_ptr,
         seq, b_stride, l_stride, pe_b_stride, out_len, offset, H,
         D: tl.constexpr, HP: tl.constexpr, COPY_V: tl.constexpr, ROUND: tl.constexpr,
+        FP8: tl.constexpr = False, qg2_ptr=None, kg2_ptr=None, scales_ptr=None,
     ):  # fmt: skip
+        # FP8: q and k written in e4m3 with one scale each for the whole joined sequence, 448 / (sqrt(D) * max|gain|)
+        # over both streams' gains (`qg2_ptr`, `kg2_ptr`: the other stream's, or the same); program 0 writes their
+        # inverses to `scales_ptr` rows 0 and 1 (rows of 4 float32), and every program folds its token's max|v| into
+        # row 2's second float (an integer max: non-negative floats order as their bits)
         pid = tl.program_id(0).to(tl.int64)
         b, tok = pid // seq, pid % seq
         heads = tl.arange(0, HP)[:, None]
@@ -102,26 +107,79 @@ if triton is not None:
         c00, c01 = tl.load(pe), tl.load(pe + 1)
         c10, c11 = tl.load(pe + 2), tl.load(pe + 3)
         d = tl.arange(0, D)
+        qg, kg = tl.load(qg_ptr + d).to(tl.float32), tl.load(kg_ptr + d).to(tl.float32)
         q = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        q = _norm_rotate(q, tl.load(qg_ptr + d).to(tl.float32), c00, c01, c10, c11, D, HP, ROUND)
-        tl.store(q_ptr + dst, q.to(ROUND), mask=mask)
+        q = _norm_rotate(q, qg, c00, c01, c10, c11, D, HP, ROUND)
         k = tl.load(src + H * D, mask=mask, other=0.0).to(tl.float32)
-        k = _norm_rotate(k, tl.load(kg_ptr + d).to(tl.float32), c00, c01, c10, c11, D, HP, ROUND)
-        tl.store(k_ptr + dst, k.to(ROUND), mask=mask)
-        if COPY_V:
-            tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
+        k = _norm_rotate(k, kg, c00, c01, c10, c11, D, HP, ROUND)
+        if FP8:
+            root = tl.sqrt(tl.full([], D, tl.float32))
+            bq = root * tl.maximum(tl.max(tl.abs(qg)), tl.max(tl.abs(tl.load(qg2_ptr + d).to(tl.float32))))
+            bk = root * tl.maximum(tl.max(tl.abs(kg)), tl.max(tl.abs(tl.load(kg2_ptr + d).to(tl.float32))))
+            bq, bk = tl.maximum(bq, 1e-30), tl.maximum(bk, 1e-30)
+            tl.store(q_ptr + dst, (q * (448.0 / bq)).to(tl.float8e4nv), mask=mask)
+            tl.store(k_ptr + dst, (k * (448.0 / bk)).to(tl.float8e4nv), mask=mask)
+            if pid == 0:
+                tl.store(scales_ptr, bq / 448.0)
+                tl.store(scales_ptr + 4, bk / 448.0)
+            v = tl.load(src + 2 * H * D, mask=mask, other=0.0)
+            amax = tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0)
+            tl.atomic_max((scales_ptr + 9).to(tl.pointer_type(tl.int32)), amax.to(tl.int32, bitcast=True))
+            if COPY_V:
+                tl.store(v_ptr + dst, v, mask=mask)
+        else:
+            tl.store(q_ptr + dst, q.to(ROUND), mask=mask)
+            tl.store(k_ptr + dst, k.to(ROUND), mask=mask)
+            if COPY_V:
+                tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
 
-    def _launch(qkv, q_gain, k_gain, pe, q, k, v, offset: int, heads: int, copy_v: bool) -> None:
+    def _launch(qkv, q_gain, k_gain, pe, q, k, v, offset: int, heads: int, copy_v: bool, fp8=None) -> None:
+        """`fp8`: (the other stream's q gain, its k gain, the (6, 4) scale buffer) for e4m3 q and k."""
         b, seq, width = qkv.shape
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
         dim = width // (3 * heads)
+        qg2, kg2, scales = fp8 if fp8 else (None, None, None)
         _rms_norm_rope_kernel[(b * seq,)](
             qkv, q_gain, k_gain, pe, q, k, v, seq, qkv.stride(0), qkv.stride(1), pe.stride(0) if pe.shape[0] > 1 else 0,
             q.shape[1], offset,
             heads, D=dim, HP=triton.next_power_of_2(heads), COPY_V=copy_v, ROUND=_ROUND[qkv.dtype],
+            FP8=fp8 is not None, qg2_ptr=qg2, kg2_ptr=kg2, scales_ptr=scales,
             num_warps=4 if dim * heads <= 4096 else 8,
         )  # fmt: skip
+
+    @torch.library.custom_op("flux_ops::rms_norm_rope_fp8", mutates_args=())
+    def _rms_norm_rope_fp8_op(
+        a: Tensor, q_gain_a: Tensor, k_gain_a: Tensor,
+        b: Tensor | None, q_gain_b: Tensor | None, k_gain_b: Tensor | None, pe: Tensor, heads: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """e4m3 q and k as (B, L, H, D), v in the activation dtype as (B, L, H, D) (joined streams; one stream: empty,
+        its v is read where the projection wrote it), and the (6, 4) float32 scale buffer: [0, 0] and [1, 0] q's and
+        k's scales, [2, 1] max|v|."""
+        batch, seq_a, width = a.shape
+        seq = seq_a + (b.shape[1] if b is not None else 0)
+        shape = (batch, seq, heads, width // (3 * heads))
+        q, k = a.new_empty(shape, dtype=torch.float8_e4m3fn), a.new_empty(shape, dtype=torch.float8_e4m3fn)
+        v = a.new_empty(shape) if b is not None else a.new_empty((0,))
+        scales = torch.zeros((6, 4), dtype=torch.float32, device=a.device)
+        pe = pe.contiguous()
+        gains = [g.contiguous() for g in (q_gain_a, k_gain_a)]
+        gains_b = [g.contiguous() for g in (q_gain_b, k_gain_b)] if b is not None else gains
+        with torch.cuda.device(a.device):
+            if batch * seq_a:
+                _launch(a, *gains, pe, q, k, v, 0, heads, b is not None, (*gains_b, scales))
+            if b is not None and batch * b.shape[1]:
+                _launch(b, *gains_b, pe, q, k, v, seq_a, heads, True, (*gains, scales))
+        return q, k, v, scales
+
+    @_rms_norm_rope_fp8_op.register_fake
+    def _(a, q_gain_a, k_gain_a, b, q_gain_b, k_gain_b, pe, heads):
+        batch, seq_a, width = a.shape
+        seq = seq_a + (b.shape[1] if b is not None else 0)
+        shape = (batch, seq, heads, width // (3 * heads))
+        q, k = a.new_empty(shape, dtype=torch.float8_e4m3fn), a.new_empty(shape, dtype=torch.float8_e4m3fn)
+        v = a.new_empty(shape) if b is not None else a.new_empty((0,))
+        return q, k, v, a.new_empty((6, 4), dtype=torch.float32)
 
     @torch.library.custom_op("flux_ops::rms_norm_rope", mutates_args=())
     def _rms_norm_rope_op(

@@ -97,3 +97,16 @@ def test_serving_tables_put_each_run_in_its_row():
         "| server restarted (its warm-up sizes cached): ready / first response | 20.5 / 23.0 | - | - | 19.9 |",
     ]
     assert replicas.splitlines()[2:] == ["| 1 | 2 | 25.10 | 20 | 0 | 20.00 | 5.30 |"]
+
+
+def test_bench_flow_measures_the_fp8_attention_beside_the_default(tmp_path):
+    import json
+
+    out = tmp_path / "flow.json"
+    fast = "fp8 ch/tok + fp8 attention"
+    run_flow("--fp8-attention", "--eager", f"fp8 ch/tok,{fast}", "--out", str(out), "--results", "")
+    result = json.loads(out.read_text())
+    default, opt_in = result["accuracy"]["fp8 ch/tok"], result["accuracy"][fast]
+    assert opt_in["per_linear"] == default["per_linear"]  # the same linears
+    assert opt_in["per_block"]["median"] != default["per_block"]["median"]  # its blocks' own error, reported
+    assert {f"{v} eager 64x64" for v in ("fp8 ch/tok", fast)} == set(result["timing"])
