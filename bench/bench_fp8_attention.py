@@ -1,7 +1,8 @@
 """Can an fp8 attention kernel beat cuDNN's bf16 attention on this GPU? Triton flash-attention variants against
 cuDNN SDPA at FLUX.1's token counts (24 heads of 128, batch 1), each kernel alone on inputs quantized beforehand,
-every tile configuration timed (CUDA graph of 10 launches, median), error against float32 SDPA. An experiment
-for the opt-in fast mode of issue 7: nothing here is used by the library (results: bench/RESULTS.md).
+every tile configuration timed (CUDA graph of 10 launches, median), error against float32 SDPA. The search for
+issue 7's opt-in fast mode: the Triton kernels here stay experiments; the fast mode the library ships is the
+`cudnn` grid's, cuDNN's own fp8 attention (`modules/fp8_attention.py`; results: bench/RESULTS.md).
 
     python3 bench/bench_fp8_attention.py --grid per-token   # KTILE x EXP16 x LAZY, 4608 and 2816 tokens
     python3 bench/bench_fp8_attention.py --grid ws          # KTILE x warp specialization, 4608 tokens
