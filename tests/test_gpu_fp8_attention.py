@@ -167,6 +167,12 @@ def test_pipeline_with_fp8_attention_graphs_and_compiles(wide_cfg):
     assert 0 < np.abs(default - eager).mean() < 8  # not exact, close to the default
 
 
+def test_graphs_follow_loras_with_fp8_attention(wide_cfg):
+    from tests.test_gpu import check_graph_replay_follows_loras
+
+    check_graph_replay_follows_loras(dict(wide_cfg, fp8_attention=True))
+
+
 def test_config_rejects_fp8_attention_cudnn_cannot_run(wide_cfg):
     from util import ModelSpec, load_flow_model
 
