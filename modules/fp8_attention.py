@@ -5,7 +5,7 @@ not exact: its per-block error is in bench/RESULTS.md beside the default's.
 cuDNN's fp8 attention takes one scale per tensor (e4m3 values times the scale are the real values):
 - q and k: after the RMS norm and the rotation no element exceeds sqrt(D) * max|gain| (|x_i| <= sqrt(D) rms(x),
   and a rotation keeps each pair's length), so each block's norm gains fix its scale: no pass over the tensor.
-  e4m3 keeps 3 significant bits over 2^-6..448, so the headroom this bound leaves costs no precision.
+  e4m3 keeps 3 mantissa bits from 2^-6 up to 448, so the headroom this bound leaves costs no precision.
 - v: its absolute maximum, measured per call.
 - the probabilities: x448 (they are at most 1 before the row's normalization).
 - the output: each row is a convex combination of v's rows, so |o| <= max|v| and o comes back in e4m3 with v's
@@ -173,6 +173,7 @@ def _plan(b: int, h: int, seq: int, d: int, device: torch.device) -> _Plan:
 def cudnn_fp8_sdpa(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor) -> Tensor:
     """(B, L, H, D) contiguous e4m3 q, k, v and the (6, 4) scale buffer (`quantize`) -> e4m3 (B, L, H, D) output."""
     b, seq, h, d = q8.shape
+    q8, k8, v8 = (x.contiguous() for x in (q8, k8, v8))  # the plan's strides (no copy when they are)
     out = torch.empty_like(q8)
     if q8.numel():
         with torch.cuda.device(q8.device):
