@@ -22,17 +22,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import float8_quantize as f8  # noqa: E402
 import fp8_kernels  # noqa: E402
 from bench import report  # noqa: E402
+from bench.accuracy import per_block_errors, per_linear_errors, summary  # noqa: E402
 from cuda_graphs import GraphedFlow  # noqa: E402
 from flux_pipeline import compile_flow_model  # noqa: E402
 from modules import flux_model, qk_kernels, sampling  # noqa: E402
-from modules.flux_model import Flux, FluxParams, timestep_embedding  # noqa: E402
+from modules.flux_model import Flux, FluxParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {  # name: (weight scaling, activation scaling, fast accumulation)
@@ -196,81 +196,6 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@torch.no_grad()
-def per_linear_errors(bf16: Flux, fp8_models: dict, x: dict) -> dict[str, list[float]]:
-    """Each layer that is fp8 in the default flags, on its exact bf16-forward input, against float64."""
-    settings = f8.F8Settings()
-    errors = {"bf16": [], **{name: [] for name in fp8_models}}
-    layers = {n: m for n, m in fp8_models[next(iter(fp8_models))].named_modules() if isinstance(m, f8.F8Linear)}
-    by_name = {name: dict(model.named_modules()) for name, model in fp8_models.items()}
-    hooks = []
-    for name, linear in bf16.named_modules():
-        if name not in layers or not f8.quantized_layer(name, settings):
-            continue
-
-        def hook(module, args, out, name=name):
-            inp = args[0]
-            ref = F.linear(inp.double(), module.weight.double(), module.bias.double())
-            errors["bf16"].append(rel(out, ref))
-            for mode, modules in by_name.items():
-                errors[mode].append(rel(modules[name](inp), ref))
-
-        hooks.append(linear.register_forward_hook(hook))
-    try:
-        bf16(**x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return errors
-
-
-@torch.no_grad()
-def per_block_errors(bf16: Flux, variants: dict, x: dict) -> dict[str, list[float]]:
-    """Residual update of every block from a float32 input cast to bf16, against the float32 block."""
-    device = x["img"].device
-    f32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
-    ext = copy.deepcopy(bf16).float()  # only the embedders and final layer are used from this copy
-    ext.double_blocks, ext.single_blocks = torch.nn.ModuleList(), torch.nn.ModuleList()
-    vec = ext.time_in(timestep_embedding(f32["timesteps"], 256))
-    vec = vec + ext.guidance_in(timestep_embedding(f32["guidance"], 256)) + ext.vector_in(f32["y"])
-    img, txt = ext.img_in(f32["img"]), ext.txt_in(f32["txt"])
-    pe = ext.pe_embedder(torch.cat((f32["txt_ids"], f32["img_ids"]), dim=1))
-    errors = {name: [] for name in variants}
-    for i in range(len(bf16.double_blocks)):
-        ref_block = copy.deepcopy(bf16.double_blocks[i]).float()
-        img_out, txt_out = ref_block(img=img, txt=txt, vec=vec, pe=pe)
-        ref = torch.cat([img_out - img, txt_out - txt], dim=1)
-        for name, model in variants.items():
-            ib, tb, vb = img.to(model.dtype), txt.to(model.dtype), vec.to(model.dtype)
-            io, to = model.double_blocks[i](img=ib, txt=tb, vec=vb, pe=pe)
-            errors[name].append(rel(torch.cat([io.float() - ib.float(), to.float() - tb.float()], dim=1), ref))
-        img, txt = img_out, txt_out
-        del ref_block
-    h = torch.cat((txt, img), 1)
-    for i in range(len(bf16.single_blocks)):
-        ref_block = copy.deepcopy(bf16.single_blocks[i]).float()
-        out = ref_block(h, vec=vec, pe=pe)
-        for name, model in variants.items():
-            hb = h.to(model.dtype)
-            errors[name].append(
-                rel(model.single_blocks[i](hb, vec=vec.to(model.dtype), pe=pe).float() - hb.float(), out - h)
-            )
-        h = out
-        del ref_block
-    del ext
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return errors
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "max": max(values), "n": len(values)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny architecture (smoke test)")
@@ -279,7 +204,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument(
         "--compile",
-        default="fp8 ch/tok@graph,bf16@graph,fp8 ch/tok@graph@loop,fp8 ch/tok,fp8 ten/ten@graph,fp8 ten/static@graph",
+        default=f"fp8 ch/tok@graph,{FP8_ATTN}@graph,bf16@graph,fp8 ch/tok@graph@loop,fp8 ch/tok,fp8 ten/ten@graph,"
+        "fp8 ten/static@graph",
         help="comma-separated variants to also time compiled ('' for none); '@graph' is how the pipeline runs them",
     )
     ap.add_argument(
@@ -291,8 +217,12 @@ def main() -> None:
     ap.add_argument("--eager", default=None, help="variants to time eagerly (default: every built one)")
     ap.add_argument(
         "--fp8-attention",
-        action="store_true",
-        help=f"also build '{FP8_ATTN}': the default fp8 mode with the opt-in fp8 attention (config fp8_attention)",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help=f"build '{FP8_ATTN}', the default fp8 mode with the opt-in fp8 attention (config fp8_attention); "
+        "auto (default): where the GPU and the cuDNN frontend can run it",
     )
     ap.add_argument("--budget-s", type=float, default=480, help="skip compiled variants once this much time passed")
     ap.add_argument("--out", default=None)
@@ -320,7 +250,7 @@ def main() -> None:
         if a == "static_per_tensor":
             f8.calibrate(model, torch.bfloat16)
         variants[name] = model
-    if args.fp8_attention:
+    if fp8_attention_wanted(args.fp8_attention, dev, p):
         w, a, fast = MODES["fp8 ch/tok"]
         variants[FP8_ATTN] = f8.quantize_flow_model(copy.deepcopy(bf16), f8.F8Settings(w, a), fast_accum=fast)
         variants[FP8_ATTN].use_fp8_attention(True)
@@ -337,6 +267,9 @@ def main() -> None:
     if args.eager is not None:
         eager = [e for e in args.eager.split(",") if e]
     for label in eager:
+        if label.split("@")[0] not in variants:
+            print(f"skipped {label}: not built", flush=True)
+            continue
         model = variants[label.split("@")[0]]
         with options(label):
             for size in sizes:
@@ -345,8 +278,8 @@ def main() -> None:
                 result["timing"][f"{label} eager {size[0]}x{size[1]}"] = {"ms": ms, "it_s": 1000 / ms, "peak_gib": peak}
         print(f"{label} eager done at {time.perf_counter() - t0:.0f} s", flush=True)
     for label in [c for c in args.compile.split(",") if c]:
-        if time.perf_counter() - t0 > args.budget_s:
-            print(f"skipped compiled {label}: over the time budget", flush=True)
+        if time.perf_counter() - t0 > args.budget_s or label.split("@")[0] not in variants:
+            print(f"skipped compiled {label}: over the time budget or not built", flush=True)
             continue
         torch._dynamo.reset()
         model = compile_flow_model(variants[label.split("@")[0]])
@@ -373,6 +306,18 @@ def main() -> None:
     print("\n" + "\n\n".join(tables))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     report.append(args.results, f"Flow transformer ({args.reps} timed steps, median)", dev, tables)
+
+
+def fp8_attention_wanted(choice: str, device: str, p: dict) -> bool:
+    """Whether to build the fast mode's variant: `on`, or `auto` where it can run (it says why not)."""
+    if choice != "auto":
+        return choice == "on"
+    from modules import fp8_attention
+
+    problem = fp8_attention.unsupported(torch.device(device), p["hidden_size"] // p["num_heads"])
+    if problem:
+        print(f"not building '{FP8_ATTN}': fp8_attention {problem}", flush=True)
+    return problem is None
 
 
 def results_tables(result: dict) -> list[str]:
