@@ -164,7 +164,7 @@ class F8Linear(nn.Module):
         the GELU, the concatenation and the quantization in one pass where `fuses_input_ops`."""
         if not self.fuses_input_ops(b):
             if a_scale is not None:
-                a = (a.float() * a_scale).to(b.dtype)
+                a = fp8_kernels.dequantize(a, a_scale, b.dtype)
             x = nn.functional.gelu(b, approximate="tanh")
             return self(x if a is None else torch.cat((a, x), dim=-1))
         xq, scale = fp8_kernels.gelu_concat_quantize(a, b, a_scale)
@@ -174,7 +174,7 @@ class F8Linear(nn.Module):
         """`self(x)` for x given as e4m3 `xq` with one float32 `scale` (the fp8 attention's output): no
         quantization pass where the matmul runs in fp8."""
         if not self.use_fp8 or self.calibrating:
-            return self((xq.float() * scale).to(self.out_dtype))
+            return self(fp8_kernels.dequantize(xq, scale, self.out_dtype))
         shape = xq.shape
         return self._matmul(xq.reshape(-1, shape[-1]), scale.float()).reshape(*shape[:-1], self.out_features)
 

@@ -51,6 +51,11 @@ def quantize(x: Tensor, scale: Tensor) -> Tensor:
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+def dequantize(xq: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """e4m3 values and their float32 scale -> `dtype` (the fp8 attention's output, where no fp8 matmul takes it)."""
+    return (xq.float() * scale).to(dtype)
+
+
 @functools.cache
 def _fused(fn: Callable) -> Callable:
     # one Triton kernel instead of five passes over the activations; inlined when the caller is compiled

@@ -9,6 +9,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import fp8_kernels
 from modules import fp8_attention, qk_kernels
 
 
@@ -157,7 +158,7 @@ def gelu_linear(linear: nn.Module, a: Tensor | None, b: Tensor, a_scale: Tensor 
     if fused is not None:
         return fused(a, b, a_scale)
     if a_scale is not None:
-        a = fp8_attention.dequantize(a, a_scale, b.dtype)
+        a = fp8_kernels.dequantize(a, a_scale, b.dtype)
     x = F.gelu(b, approximate="tanh")
     return linear(x if a is None else torch.cat((a, x), dim=-1))
 
@@ -167,7 +168,7 @@ def quantized_linear(linear: nn.Module, xq: Tensor, scale: Tensor, dtype: torch.
     fused = getattr(linear, "forward_quantized", None)
     if fused is not None:
         return fused(xq, scale)
-    return linear(fp8_attention.dequantize(xq, scale, dtype))
+    return linear(fp8_kernels.dequantize(xq, scale, dtype))
 
 
 def modulated_linear(linear: nn.Module, norm: nn.LayerNorm, x: Tensor, mod: ModulationOut) -> Tensor:

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from modules import qk_kernels, triton_support
+from modules import qk_kernels
 from modules.triton_support import tl, triton
 
 E4M3 = torch.float8_e4m3fn
@@ -62,16 +62,10 @@ def qk_bound(gains: list[Tensor]) -> Tensor:
     return torch.stack([g.detach().abs().amax().float() for g in gains]).amax() * math.sqrt(gains[0].shape[-1])
 
 
-def available(x: Tensor) -> bool:
-    """Whether the kernels run on `x` (CUDA with Triton; `unsupported` has checked the GPU and cuDNN at load)."""
-    return triton_support.available(x)
-
-
 def attention(streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """Joint attention over the token groups `streams` ((qkv (B, L_i, 3*H*D), q gain, k gain) each, as
     `qk_kernels.rms_norm_rope` takes them) -> the e4m3 output (B, sum L_i, H*D) and its float32 scale ()."""
-    qkv = streams[0][0]
-    if not (available(qkv) and len(streams) <= 2 and pe.dtype == torch.float32):
+    if not qk_kernels.kernel_fits(streams, pe):  # `unsupported` checked the GPU and cuDNN at load
         return attention_reference(streams, pe, heads)
     (a, qa, ka), (b, qb, kb) = streams[0], streams[1] if len(streams) == 2 else (None, None, None)
     q8, k8, v, scales = torch.ops.flux_ops.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, pe, heads)
@@ -117,10 +111,6 @@ def attention_reference(streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor
     bound_q, bound_k = qk_bound([s[1] for s in streams]), qk_bound([s[2] for s in streams])
     q8, k8, v8, scales = quantize(q, k, v, bound_q, bound_k)
     return emulate(q8, k8, v8, scales).flatten(2), scales[2, 0]
-
-
-def dequantize(o8: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    return (o8.float() * scale).to(dtype)
 
 
 class _Plan:

@@ -21,8 +21,12 @@ ENABLED = True  # False: the torch ops (benchmarks compare both in one run)
 EPS = 1e-6  # the model's RMSNorm epsilon
 
 
-def available(x: Tensor) -> bool:
-    return ENABLED and triton_support.available(x)
+def kernel_fits(streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor) -> bool:
+    """Whether the Triton kernels take these streams: CUDA with Triton, at most two streams of one dtype and
+    batch size, float32 rotations."""
+    qkv = streams[0][0]
+    alike = all(s[0].dtype == qkv.dtype and s[0].shape[0] == qkv.shape[0] for s in streams)
+    return triton_support.available(qkv) and alike and len(streams) <= 2 and pe.dtype == torch.float32
 
 
 def rms_norm(x: Tensor, gain: Tensor) -> Tensor:
@@ -62,9 +66,7 @@ def rms_norm_rope_reference(
 def rms_norm_rope(
     streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor, heads: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    qkv = streams[0][0]
-    fits = all(s[0].dtype == qkv.dtype and s[0].shape[0] == qkv.shape[0] for s in streams) and len(streams) <= 2
-    if available(qkv) and fits and pe.dtype == torch.float32:
+    if ENABLED and kernel_fits(streams, pe):
         (a, qa, ka), (b, qb, kb) = streams[0], streams[1] if len(streams) == 2 else (None, None, None)
         q, k, v = torch.ops.flux_ops.rms_norm_rope(a, qa, ka, b, qb, kb, pe, heads)
         if b is None:  # one stream: v is read where the projection wrote it
