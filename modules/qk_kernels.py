@@ -150,55 +150,51 @@ if triton is not None:
             num_warps=4 if dim * heads <= 4096 else 8,
         )  # fmt: skip
 
+    def _outputs(a: Tensor, b: Tensor | None, heads: int, qk_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Empty q and k (in `qk_dtype`) and v as (B, L, H, D) over both streams' tokens; v empty for one stream
+        (its v is read where the projection wrote it)."""
+        batch, seq, width = a.shape
+        seq += b.shape[1] if b is not None else 0
+        shape = (batch, seq, heads, width // (3 * heads))
+        v = a.new_empty(shape) if b is not None else a.new_empty((0,))
+        return a.new_empty(shape, dtype=qk_dtype), a.new_empty(shape, dtype=qk_dtype), v
+
+    def _launch_streams(a, gains_a, b, gains_b, pe, heads: int, q, k, v, scales=None) -> None:
+        """One launch per stream, the second's tokens joined after the first's. `scales`: e4m3 q and k, each launch
+        bounding them with both streams' gains."""
+        gains_a = [g.contiguous() for g in gains_a]
+        gains_b = [g.contiguous() for g in gains_b] if b is not None else gains_a
+        fp8_a, fp8_b = (None, None) if scales is None else ((*gains_b, scales), (*gains_a, scales))
+        pe = pe.contiguous()
+        with torch.cuda.device(a.device):
+            if a.shape[0] * a.shape[1]:
+                _launch(a, *gains_a, pe, q, k, v, 0, heads, b is not None, fp8_a)
+            if b is not None and b.shape[0] * b.shape[1]:
+                _launch(b, *gains_b, pe, q, k, v, a.shape[1], heads, True, fp8_b)
+
     @torch.library.custom_op("flux_ops::rms_norm_rope_fp8", mutates_args=())
     def _rms_norm_rope_fp8_op(
         a: Tensor, q_gain_a: Tensor, k_gain_a: Tensor,
         b: Tensor | None, q_gain_b: Tensor | None, k_gain_b: Tensor | None, pe: Tensor, heads: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        """e4m3 q and k as (B, L, H, D), v in the activation dtype as (B, L, H, D) (joined streams; one stream: empty,
-        its v is read where the projection wrote it), and the (6, 4) float32 scale buffer: [0, 0] and [1, 0] q's and
-        k's scales, [2, 1] max|v|."""
-        batch, seq_a, width = a.shape
-        seq = seq_a + (b.shape[1] if b is not None else 0)
-        shape = (batch, seq, heads, width // (3 * heads))
-        q, k = a.new_empty(shape, dtype=torch.float8_e4m3fn), a.new_empty(shape, dtype=torch.float8_e4m3fn)
-        v = a.new_empty(shape) if b is not None else a.new_empty((0,))
+        """e4m3 q and k as (B, L, H, D), v in the activation dtype (`_outputs`), and the (6, 4) float32 scale buffer:
+        [0, 0] and [1, 0] q's and k's scales, [2, 1] max|v|."""
+        q, k, v = _outputs(a, b, heads, torch.float8_e4m3fn)
         scales = torch.zeros((6, 4), dtype=torch.float32, device=a.device)
-        pe = pe.contiguous()
-        gains = [g.contiguous() for g in (q_gain_a, k_gain_a)]
-        gains_b = [g.contiguous() for g in (q_gain_b, k_gain_b)] if b is not None else gains
-        with torch.cuda.device(a.device):
-            if batch * seq_a:
-                _launch(a, *gains, pe, q, k, v, 0, heads, b is not None, (*gains_b, scales))
-            if b is not None and batch * b.shape[1]:
-                _launch(b, *gains_b, pe, q, k, v, seq_a, heads, True, (*gains, scales))
+        _launch_streams(a, (q_gain_a, k_gain_a), b, (q_gain_b, k_gain_b), pe, heads, q, k, v, scales)
         return q, k, v, scales
 
     @_rms_norm_rope_fp8_op.register_fake
     def _(a, q_gain_a, k_gain_a, b, q_gain_b, k_gain_b, pe, heads):
-        batch, seq_a, width = a.shape
-        seq = seq_a + (b.shape[1] if b is not None else 0)
-        shape = (batch, seq, heads, width // (3 * heads))
-        q, k = a.new_empty(shape, dtype=torch.float8_e4m3fn), a.new_empty(shape, dtype=torch.float8_e4m3fn)
-        v = a.new_empty(shape) if b is not None else a.new_empty((0,))
-        return q, k, v, a.new_empty((6, 4), dtype=torch.float32)
+        return *_outputs(a, b, heads, torch.float8_e4m3fn), a.new_empty((6, 4), dtype=torch.float32)
 
     @torch.library.custom_op("flux_ops::rms_norm_rope", mutates_args=())
     def _rms_norm_rope_op(
         a: Tensor, q_gain_a: Tensor, k_gain_a: Tensor,
         b: Tensor | None, q_gain_b: Tensor | None, k_gain_b: Tensor | None, pe: Tensor, heads: int,
     ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        batch, seq_a, width = a.shape
-        seq = seq_a + (b.shape[1] if b is not None else 0)
-        shape = (batch, seq, heads, width // (3 * heads))
-        q, k = a.new_empty(shape), a.new_empty(shape)
-        v = a.new_empty(shape) if b is not None else a.new_empty((0,))
-        pe = pe.contiguous()
-        with torch.cuda.device(a.device):
-            if batch * seq_a:
-                _launch(a, q_gain_a.contiguous(), k_gain_a.contiguous(), pe, q, k, v, 0, heads, b is not None)
-            if b is not None and batch * b.shape[1]:
-                _launch(b, q_gain_b.contiguous(), k_gain_b.contiguous(), pe, q, k, v, seq_a, heads, True)
+        q, k, v = _outputs(a, b, heads, a.dtype)
+        _launch_streams(a, (q_gain_a, k_gain_a), b, (q_gain_b, k_gain_b), pe, heads, q, k, v)
         return _heads_first(q), _heads_first(k), _heads_first(v) if b is not None else v
 
     def _heads_first(x: Tensor) -> Tensor:
@@ -208,8 +204,5 @@ if triton is not None:
 
     @_rms_norm_rope_op.register_fake
     def _(a, q_gain_a, k_gain_a, b, q_gain_b, k_gain_b, pe, heads):
-        batch, seq, width = a.shape
-        seq += b.shape[1] if b is not None else 0
-        shape = (batch, seq, heads, width // (3 * heads))
-        q, k = _heads_first(a.new_empty(shape)), _heads_first(a.new_empty(shape))
-        return q, k, _heads_first(a.new_empty(shape)) if b is not None else a.new_empty((0,))
+        q, k, v = _outputs(a, b, heads, a.dtype)
+        return _heads_first(q), _heads_first(k), _heads_first(v) if b is not None else v
