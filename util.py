@@ -265,11 +265,10 @@ def load_flow_model(config: ModelSpec) -> nn.Module:
     if config.fp8_attention:  # checked before any weight is read
         from modules import fp8_attention
 
-        head_dim = config.params.hidden_size // config.params.num_heads
-        if device.type == "cuda" and (problem := fp8_attention.unsupported(device, head_dim)):
-            raise ValueError(f"fp8_attention: {problem}")
         if device.type != "cuda":
             logger.warning(f"fp8_attention on {device}: torch ops emulate cuDNN's fp8 math, slower than the default")
+        elif problem := fp8_attention.unsupported(device, config.params.hidden_size // config.params.num_heads):
+            raise ValueError(f"fp8_attention: {problem}")
     model = _load_flow_weights(config, device)
     if config.fp8_attention:
         model.use_fp8_attention(True)

@@ -27,11 +27,16 @@ import itertools
 import math
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modules import fp8_attention as fa  # noqa: E402
 
 E4M3 = torch.float8_e4m3fn
 
@@ -384,9 +389,6 @@ def main_cudnn():
     """cuDNN's fp8 attention (the library's opt-in `fp8_attention`), the kernel alone on quantized inputs, q and k
     scaled by the RMS norm's bound (as the model does) or by their measured maximum; error of cuDNN's output and
     of the library's torch-op emulation of it (`fp8_attention.emulate`)."""
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-    from modules import fp8_attention as fa
-
     cudnn_fe = fa._cudnn()
     print(f"cuDNN backend {cudnn_fe.backend_version()} (torch's: {torch.backends.cudnn.version()}), "
           f"frontend {getattr(cudnn_fe, '__version__', '?')}", flush=True)  # fmt: skip
