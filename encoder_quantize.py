@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import Tensor, nn
 
+from errors import ConfigError
 from float8_quantize import quantize_weight
 
 QUANTO = ("qfloat8", "qint2")
@@ -19,7 +20,7 @@ def bitsandbytes_config(quant: str | None, compute_dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
-        raise ValueError(f"text encoder quantization {quant!r} needs bitsandbytes (pip install bitsandbytes)") from e
+        raise ConfigError(f"text encoder quantization {quant!r} needs bitsandbytes (pip install bitsandbytes)") from e
     if quant == "qint4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -30,7 +31,7 @@ def quanto_quantize(model: nn.Module, quant: str) -> nn.Module:
     try:
         from optimum.quanto import freeze, qfloat8, qint2, quantize
     except ImportError as e:
-        raise ValueError(f"text encoder quantization {quant!r} needs optimum-quanto") from e
+        raise ConfigError(f"text encoder quantization {quant!r} needs optimum-quanto") from e
     before = weight_bytes(model)
     quantize(model, weights={"qfloat8": qfloat8, "qint2": qint2}[quant])
     freeze(model)

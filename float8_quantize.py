@@ -6,20 +6,20 @@ calibrated at load on fixed synthetic inputs (never on user requests), so output
 and the config.
 """
 
-import argparse
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from loguru import logger
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-import fp8_kernels
+from errors import ConfigError
+from kernels import fp8_linear
+from kernels.common import E4M3, E4M3_MAX, MIN_SCALE
+from modules import sampling
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = fp8_kernels.E4M3_MAX
-MIN_SCALE = fp8_kernels.MIN_SCALE
 METADATA_FORMAT = "flux-fp8-api/f8"
 WEIGHT_SCALINGS = ("per_channel", "per_tensor")
 ACTIVATION_SCALINGS = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
@@ -36,20 +36,11 @@ class F8Settings:
 
     def __post_init__(self):
         if self.weight_scaling not in WEIGHT_SCALINGS:
-            raise ValueError(f"f8_weight_scaling must be one of {WEIGHT_SCALINGS}, got {self.weight_scaling!r}")
+            raise ConfigError(f"f8_weight_scaling must be one of {WEIGHT_SCALINGS}, got {self.weight_scaling!r}")
         if self.activation_scaling not in ACTIVATION_SCALINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"f8_activation_scaling must be one of {ACTIVATION_SCALINGS}, got {self.activation_scaling!r}"
             )
-
-    @classmethod
-    def from_config(cls, config) -> "F8Settings":
-        return cls(
-            weight_scaling=config.f8_weight_scaling,
-            activation_scaling=config.f8_activation_scaling,
-            quantize_modulation=config.quantize_modulation,
-            quantize_flow_embedder_layers=config.quantize_flow_embedder_layers,
-        )
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -140,9 +131,9 @@ class F8Linear(nn.Module):
             self.input_scale.copy_(torch.maximum(self.input_scale, amax / E4M3_MAX))
         if self.activation_scaling == "static_per_tensor" and not self.calibrating:
             scale = self.input_scale
-            return fp8_kernels.quantizer(x.is_cuda)(x, scale), scale
+            return fp8_linear.quantizer(x.is_cuda)(x, scale), scale
         per_token = self.activation_scaling == "dynamic_per_token"
-        return fp8_kernels.dynamic_quantizer(x.is_cuda)(x, per_token)
+        return fp8_linear.dynamic_quantizer(x.is_cuda)(x, per_token)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -154,36 +145,31 @@ class F8Linear(nn.Module):
         return self._matmul(*self._quantize_input(x)).reshape(*shape[:-1], self.out_features)
 
     def fuses_input_ops(self, x: Tensor) -> bool:
-        """Whether the ops before this layer can run as one pass with its input quantization (`fp8_kernels`):
-        per-token scaling on CUDA with Triton."""
+        """Whether the ops before this layer can run as one pass with its input quantization (`kernels.fp8_linear`):
+        per-token scaling on CUDA with Triton. The `forward_gelu_concat` and `forward_modulated` entries need it."""
         dynamic = self.use_fp8 and self.activation_scaling == "dynamic_per_token" and not self.calibrating
-        return dynamic and fp8_kernels.available(x)
+        return dynamic and fp8_linear.available(x)
 
-    def forward_gelu_concat(self, a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> Tensor:
-        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None; e4m3 with the float32 scale `a_scale` if given),
-        the GELU, the concatenation and the quantization in one pass where `fuses_input_ops`."""
-        if not self.fuses_input_ops(b):
-            if a_scale is not None:
-                a = fp8_kernels.dequantize(a, a_scale, b.dtype)
-            x = nn.functional.gelu(b, approximate="tanh")
-            return self(x if a is None else torch.cat((a, x), dim=-1))
-        xq, scale = fp8_kernels.gelu_concat_quantize(a, b, a_scale)
+    def takes_quantized_input(self) -> bool:
+        """Whether `forward_quantized` can take an e4m3 input as it is (a static scale is being measured otherwise)."""
+        return self.use_fp8 and not self.calibrating
+
+    def forward_gelu_concat(self, a: Tensor | None, b: Tensor, a_scale: Tensor | None, fast_tanh: bool) -> Tensor:
+        """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None; e4m3 with the float32 scale `a_scale` if given), the
+        GELU, the concatenation and the quantization in one kernel (`fuses_input_ops(b)` must hold)."""
+        xq, scale = fp8_linear.gelu_concat_quantize(a, b, a_scale, fast_tanh)
         return self._matmul(xq, scale).reshape(*b.shape[:-1], self.out_features)
 
     def forward_quantized(self, xq: Tensor, scale: Tensor) -> Tensor:
-        """`self(x)` for x given as e4m3 `xq` with one float32 `scale` (the fp8 attention's output): no
-        quantization pass where the matmul runs in fp8."""
-        if not self.use_fp8 or self.calibrating:
-            return self(fp8_kernels.dequantize(xq, scale, self.out_dtype))
+        """`self(x)` for x given as e4m3 `xq` with one float32 `scale` (the fp8 attention's output), with no
+        quantization pass (`takes_quantized_input()` must hold)."""
         shape = xq.shape
         return self._matmul(xq.reshape(-1, shape[-1]), scale.float()).reshape(*shape[:-1], self.out_features)
 
     def forward_modulated(self, x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> Tensor:
-        """`self((1 + scale) * layer_norm(x) + shift)` (no affine LayerNorm), the LayerNorm, the modulation and
-        the quantization in one pass where `fuses_input_ops`."""
-        if not self.fuses_input_ops(x):
-            return self((1 + scale) * nn.functional.layer_norm(x, x.shape[-1:], eps=eps) + shift)
-        xq, scale_a = fp8_kernels.layernorm_modulate_quantize(x, scale, shift, eps)
+        """`self((1 + scale) * layer_norm(x) + shift)` (no affine LayerNorm), the LayerNorm, the modulation and the
+        quantization in one kernel (`fuses_input_ops(x)` must hold)."""
+        xq, scale_a = fp8_linear.layernorm_modulate_quantize(x, scale, shift, eps)
         return self._matmul(xq, scale_a).reshape(*x.shape[:-1], self.out_features)
 
     def _matmul(self, xq: Tensor, scale_a: Tensor) -> Tensor:
@@ -252,83 +238,62 @@ def quantize_flow_model(model: nn.Module, settings: F8Settings, fast_accum: bool
     return model
 
 
-def metadata_for(settings: F8Settings, config) -> dict[str, str]:
+def metadata_for(settings: F8Settings, params: dict, flow_dtype: str) -> dict[str, str]:
+    """What a prequantized file records: its fp8 settings, the architecture and the activation dtype."""
     return {
         "format": METADATA_FORMAT,
         "settings": json.dumps(asdict(settings), sort_keys=True),
-        "params": json.dumps(config.params.model_dump(), sort_keys=True),
-        "flow_dtype": config.flow_dtype,
+        "params": json.dumps(params, sort_keys=True),
+        "flow_dtype": flow_dtype,
     }
 
 
-def check_metadata(metadata: dict[str, str], settings: F8Settings, config) -> None:
+def check_metadata(metadata: dict[str, str], settings: F8Settings, params: dict, path: str) -> None:
     """A prequantized file must have been made with the settings (and architecture) the config asks for."""
-    path = config.ckpt_path
     if metadata.get("format") != METADATA_FORMAT:
-        raise ValueError(f"prequantized_flow is true but {path} is not a prequantized flux-fp8-api checkpoint")
+        raise ConfigError(f"prequantized_flow is true but {path} is not a prequantized flux-fp8-api checkpoint")
     stored = json.loads(metadata["settings"])
-    wanted = asdict(settings)
     names = {"weight_scaling": "f8_weight_scaling", "activation_scaling": "f8_activation_scaling"}
     diffs = [
         f"{names.get(k, k)}: file has {stored.get(k)!r}, config has {v!r}"
-        for k, v in wanted.items()
+        for k, v in asdict(settings).items()
         if stored.get(k) != v
     ]
-    if json.loads(metadata["params"]) != config.params.model_dump():
+    if json.loads(metadata["params"]) != params:
         diffs.append("params: the file was made for another architecture")
     if diffs:
-        raise ValueError(f"prequantized checkpoint {path} does not match the config: " + "; ".join(diffs))
+        raise ConfigError(f"prequantized checkpoint {path} does not match the config: " + "; ".join(diffs))
 
 
-def load_fp8_flow_model(model: nn.Module, config, device: torch.device) -> nn.Module:
-    """Swap `model`'s (meta) linears for F8Linear and fill it from `config.ckpt_path`, quantizing tensor by tensor.
-
-    A bf16 checkpoint is quantized as each weight arrives on `device`, so the peak is the fp8 model plus one
-    bf16 tensor; a prequantized one is read as is.
-    """
-    from util import assign_state_dict, read_metadata, read_safetensors
-
-    settings = F8Settings.from_config(config)
-    dtype = config.flow_torch_dtype
+def swap_for_f8(model: nn.Module, settings: F8Settings, fast_accum: bool, dtype: torch.dtype) -> dict[str, F8Linear]:
+    """Swap `model`'s (meta) linears that `settings` quantizes for empty F8Linear layers; returns them by name."""
     swap_linears(
         model,
         lambda n: quantized_layer(n, settings),
-        lambda lin: F8Linear.like(lin, settings, config.f8_fast_accum, dtype),
+        lambda lin: F8Linear.like(lin, settings, fast_accum, dtype),
     )
-    f8_modules = {name: m for name, m in model.named_modules() if isinstance(m, F8Linear)}
-    metadata = read_metadata(config.ckpt_path)
-    if config.prequantized_flow:
-        check_metadata(metadata, settings, config)
+    return {name: m for name, m in model.named_modules() if isinstance(m, F8Linear)}
 
-        def convert(key: str, t: Tensor) -> dict[str, Tensor]:
-            keep = t.dtype == E4M3 or key.endswith(("weight_scale", "input_scale"))
-            return {key: t if keep else t.to(dtype)}
-    else:
-        if metadata.get("format") == METADATA_FORMAT:
-            raise ValueError(f"{config.ckpt_path} is a prequantized checkpoint: set prequantized_flow to true")
-        per_channel = settings.weight_scaling == "per_channel"
 
-        def convert(key: str, t: Tensor) -> dict[str, Tensor]:
-            module, _, leaf = key.rpartition(".")
-            if module in f8_modules and leaf == "weight":
-                q, scale = quantize_weight(t, per_channel)
-                return {key: q, f"{module}.weight_scale": scale}
-            return {key: t.to(dtype)}
+def tensor_converter(
+    f8_modules: dict[str, F8Linear], settings: F8Settings, dtype: torch.dtype, prequantized: bool
+) -> Callable[[str, Tensor], dict[str, Tensor]]:
+    """What each checkpoint tensor becomes as it is read: a prequantized file's fp8 tensors and scales as they
+    are, a bf16 file's F8Linear weights quantized (with their scales), everything else in `dtype`."""
+    per_channel = settings.weight_scaling == "per_channel"
 
-    sd = read_safetensors(config.ckpt_path, device, convert)
-    needs_calibration = settings.activation_scaling == "static_per_tensor" and not config.prequantized_flow
-    if needs_calibration:
-        sd.update({f"{n}.input_scale": torch.zeros((), device=device) for n in f8_modules})
-    assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
-    model.eval().requires_grad_(False)
-    match_device(model, device)
-    if needs_calibration:
-        calibrate(model, dtype)
-    logger.info(
-        f"fp8 flow model: {len(f8_modules)} F8Linear layers ({settings.weight_scaling} weights, "
-        f"{settings.activation_scaling} activations) on {device}"
-    )
-    return model
+    def prequantized_tensor(key: str, t: Tensor) -> dict[str, Tensor]:
+        keep = t.dtype == E4M3 or key.endswith(("weight_scale", "input_scale"))
+        return {key: t if keep else t.to(dtype)}
+
+    def bf16_tensor(key: str, t: Tensor) -> dict[str, Tensor]:
+        module, _, leaf = key.rpartition(".")
+        if module in f8_modules and leaf == "weight":
+            q, scale = quantize_weight(t, per_channel)
+            return {key: q, f"{module}.weight_scale": scale}
+        return {key: t.to(dtype)}
+
+    return prequantized_tensor if prequantized else bf16_tensor
 
 
 def match_device(model: nn.Module, device: torch.device) -> None:
@@ -344,21 +309,22 @@ def match_device(model: nn.Module, device: torch.device) -> None:
             m.use_fp8 = supported
 
 
-@torch.inference_mode()
-def calibrate(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> None:
-    """Static input scales from fixed, seeded synthetic inputs: the same scales in every process."""
-    from modules import sampling
+CALIBRATION_SIZE = 512  # pixels a side: the static scales see a 1024-token image, as real requests do
 
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, dtype: torch.dtype, seed: int = 0, size: int = CALIBRATION_SIZE) -> None:
+    """Static input scales from fixed, seeded synthetic inputs (a `size` x `size` image, 256 text tokens, four
+    noise levels): the same scales in every process."""
     params = model.params
     device = model.final_layer.linear.weight.device
     layers = [m for m in model.modules() if isinstance(m, F8Linear)]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    height = width = 512
-    img = sampling.pack(torch.randn(1, params.in_channels // 4, height // 8, width // 8, generator=gen))
+    img = sampling.pack(torch.randn(1, params.in_channels // 4, size // 8, size // 8, generator=gen))
     txt = torch.randn(1, 256, params.context_in_dim, generator=gen)
     vec = torch.randn(1, params.vec_in_dim, generator=gen)
     inputs = dict(
-        img_ids=sampling.img_ids(1, height, width).to(device),
+        img_ids=sampling.img_ids(1, size, size).to(device),
         txt_ids=sampling.txt_ids(1, 256).to(device),
         txt=txt.to(device, dtype),
         y=vec.to(device, dtype),
@@ -377,30 +343,25 @@ def calibrate(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> None:
             m.input_scale.clamp_(min=MIN_SCALE)
 
 
-def save_prequantized(model: nn.Module, config, path: str) -> None:
-    """Write the fp8 flow model as safetensors, with the settings in the metadata."""
-    from safetensors.torch import save_file
-
+def save_prequantized(model: nn.Module, path: str, metadata: dict[str, str]) -> None:
+    """Write the fp8 flow model as safetensors, with `metadata_for`'s record of how it was made."""
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, path, metadata=metadata_for(F8Settings.from_config(config), config))
+    save_file(sd, path, metadata=metadata)
     size = sum(t.numel() * t.element_size() for t in sd.values())
     logger.info(f"wrote prequantized flow model to {path} ({size / 2**30:.2f} GiB)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    from util import load_config, load_flow_model
+if __name__ == "__main__":  # the script reads a config: like main.py, it sits above the library's layers
+    import argparse
+
+    import util
 
     parser = argparse.ArgumentParser(description="Write a prequantized fp8 flow checkpoint from a config.")
     parser.add_argument("--config-path", "-c", required=True)
     parser.add_argument("--output", "-o", required=True, help="safetensors file to write")
     parser.add_argument("--device", help="device to quantize on (default: the config's flux_device)")
-    args = parser.parse_args(argv)
-    overrides = {"flow_quantization_dtype": "qfloat8", "prequantized_flow": False}
-    if args.device:
-        overrides["flux_device"] = args.device
-    config = load_config(args.config_path, **overrides)
-    save_prequantized(load_flow_model(config), config, args.output)
-
-
-if __name__ == "__main__":
-    main()
+    args = parser.parse_args()
+    try:
+        util.write_prequantized(args.config_path, args.output, args.device)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -1,5 +1,6 @@
 """FluxPipeline: owns the text encoders, the flow transformer and the autoencoder, and makes images."""
 
+import functools
 import io
 import math
 import random
@@ -16,14 +17,18 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cuda_graphs import GraphedFlow
+from errors import Cancelled, InvalidInput, LoraError, LoraNotLoaded
 from float8_quantize import match_device
-from images import cover_crop, load_image, to_tensor
+from images import cover_crop, encode_image, load_image, to_tensor
+from kernels.options import KernelOptions
 from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
 from modules import sampling
 from modules.conditioner import HFEmbedder
 from modules.emphasis import parse_emphasis
 from modules.sampling import StepCallback
 from util import (
+    DEFAULTS,
+    LIMITS,
     ModelSpec,
     check_device,
     load_autoencoder,
@@ -33,8 +38,7 @@ from util import (
     spec_from_dict,
 )
 
-MAX_SEED = 2**53 - 1  # exact in JSON numbers
-
+__all__ = ["FluxPipeline", "Cancelled", "LoraNotLoaded", "compile_flow_model", "WARM_UP_SIZES"]
 
 # the most requested size first (its graph is static, the fastest), then one that compiles the dynamic graph
 WARM_UP_SIZES = ((1024, 1024), (768, 768))
@@ -42,7 +46,13 @@ WARM_UP_SIZES = ((1024, 1024), (768, 768))
 
 class FluxPipeline:
     def __init__(
-        self, config: ModelSpec, model: torch.nn.Module, ae: torch.nn.Module, clip: HFEmbedder, t5: HFEmbedder
+        self,
+        config: ModelSpec,
+        model: torch.nn.Module,
+        ae: torch.nn.Module,
+        clip: HFEmbedder,
+        t5: HFEmbedder,
+        pin_lora_backups: bool = True,
     ):
         self.config = config
         self.model = model
@@ -54,22 +64,33 @@ class FluxPipeline:
         self.text_enc_device = torch.device(config.text_enc_device)
         # one generation (or model change) at a time: they share the modules and the device memory
         self.lock = threading.RLock()
-        self.loras = LoraFuser(model)
+        self.loras = LoraFuser(model, pin_backups=pin_lora_backups)
         # fusing a LoRA copies into the same weight tensors, so graphs stay valid; offloading moves them
         graphs = config.cuda_graphs and self.flux_device.type == "cuda" and not config.offload_flow
         self.step_model = GraphedFlow(model) if graphs else model
 
     @classmethod
     def load_pipeline_from_config_path(
-        cls, path: str, warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES, **overrides: Any
+        cls,
+        path: str,
+        warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES,
+        options: KernelOptions = KernelOptions(),
+        pin_lora_backups: bool = True,
+        **overrides: Any,
     ) -> "FluxPipeline":
-        return cls.load_pipeline_from_config(load_config(path, **overrides), warm_up_sizes)
+        """`load_pipeline_from_config` of a JSON config file; `overrides` are config keys."""
+        return cls.load_pipeline_from_config(load_config(path, **overrides), warm_up_sizes, options, pin_lora_backups)
 
     @classmethod
     def load_pipeline_from_config(
-        cls, config: ModelSpec | dict, warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES
+        cls,
+        config: ModelSpec | dict,
+        warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES,
+        options: KernelOptions = KernelOptions(),
+        pin_lora_backups: bool = True,
     ) -> "FluxPipeline":
-        """Load every component; with compile on, compile and warm up at `warm_up_sizes` (see `compile`)."""
+        """Load every component; with compile on, compile and warm up at `warm_up_sizes` (see `compile`).
+        `options`: which kernels the flow model and the autoencoder run; `pin_lora_backups`: see `LoraFuser`."""
         if isinstance(config, dict):
             config = spec_from_dict(config)
         start = time.perf_counter()
@@ -84,18 +105,18 @@ class FluxPipeline:
             check_device(getattr(config, key), key)
         clip, t5 = load_text_encoders(load_config)
         text_s = time.perf_counter() - start
-        model = load_flow_model(load_config)
+        model = load_flow_model(load_config, options)
         if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
             match_device(model, torch.device(config.flux_device))
         flow_s = time.perf_counter() - start - text_s
-        ae = load_autoencoder(load_config)
+        ae = load_autoencoder(load_config, options)
         total_s = time.perf_counter() - start
         logger.info(
             f"loaded {config.version} pipeline in {total_s:.1f} s: text encoders {text_s:.1f} s, flow model "
             f"{flow_s:.1f} s ({config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on "
             f"{config.flux_device}), autoencoder {total_s - text_s - flow_s:.1f} s"
         )
-        pipeline = cls(config, model, ae, clip, t5)
+        pipeline = cls(config, model, ae, clip, t5, pin_lora_backups)
         if config.compile_blocks or config.compile_extras:
             pipeline.compile(warm_up_sizes)
         return pipeline
@@ -135,7 +156,7 @@ class FluxPipeline:
 
         Loading a name that is already loaded replaces it (same file, new scale: only the scale changes)."""
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+            raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
         path = str(lora) if isinstance(lora, (str, Path)) else None
         name = name or (Path(path).stem if path else f"lora_{len(self.loras.loaded)}")
         with self.lock:
@@ -186,9 +207,9 @@ class FluxPipeline:
     def _size(width: int, height: int) -> tuple[int, int]:
         for name, value in (("width", width), ("height", height)):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise InvalidInput(f"{name} must be an integer, got {value!r}")
             if value < 16:
-                raise ValueError(f"{name} must be at least 16, got {value}")
+                raise InvalidInput(f"{name} must be at least 16, got {value}")
         floored = 16 * (width // 16), 16 * (height // 16)
         if floored != (width, height):
             logger.warning(f"size {width}x{height} is not a multiple of 16: using {floored[0]}x{floored[1]}")
@@ -226,37 +247,37 @@ class FluxPipeline:
     def generate_images(
         self,
         prompt: str,
-        width: int = 720,
-        height: int = 1024,
-        num_steps: int = 24,
-        guidance: float = 3.5,
+        width: int = DEFAULTS.width,
+        height: int = DEFAULTS.height,
+        num_steps: int = DEFAULTS.num_steps,
+        guidance: float = DEFAULTS.guidance,
         seed: int | None = None,
-        num_images: int = 1,
+        num_images: int = DEFAULTS.num_images,
         callback: StepCallback | None = None,
         cancel: threading.Event | None = None,
         init_image: Any = None,
-        strength: float = 1.0,
+        strength: float = DEFAULTS.strength,
         allow_image_path: bool = True,
     ) -> tuple[list[Image.Image], int]:
         """The lower-level call: PIL images and the seed. `callback(step, total)` runs after every step;
-        setting `cancel` stops between steps with `sampling.Cancelled`. With `init_image`, img2img: the
+        setting `cancel` stops between steps with `Cancelled`. With `init_image`, img2img: the
         image is encoded and noised to the timestep `strength` selects (1.0: pure noise, 0.0: no change)."""
         if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
         width, height = self._size(width, height)
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+            raise InvalidInput(f"num_steps must be a positive integer, got {num_steps!r}")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
+            raise InvalidInput(f"num_images must be a positive integer, got {num_images!r}")
         if not math.isfinite(guidance):
-            raise ValueError(f"guidance must be finite, got {guidance!r}")
+            raise InvalidInput(f"guidance must be finite, got {guidance!r}")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+            raise InvalidInput(f"strength must be in [0, 1], got {strength!r}")
         init = None if init_image is None else load_image(init_image, allow_path=allow_image_path)
         if seed is None:
-            seed = random.SystemRandom().randint(0, MAX_SEED)
-        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+            seed = random.SystemRandom().randint(0, LIMITS.max_seed)
+        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= LIMITS.max_seed:
+            raise InvalidInput(f"seed must be an integer in [0, {LIMITS.max_seed}], got {seed!r}")
 
         with self.lock:
             start = time.perf_counter()
@@ -276,8 +297,9 @@ class FluxPipeline:
                 img = timesteps[0] * img + (1 - timesteps[0]) * x0.expand_as(img)
             with self._on(self.model, self.flux_device, self.config.offload_flow):
                 img = sampling.denoise(
-                    self.step_model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback, cancel
-                )
+                    self.step_model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback,
+                    None if cancel is None else functools.partial(_stop_if_set, cancel),
+                )  # fmt: skip
             _finish(img)
             t_denoise = time.perf_counter()
             with self._on(self.ae, self.ae_device, self.config.offload_vae):
@@ -303,21 +325,21 @@ class FluxPipeline:
     def generate(
         self,
         prompt: str,
-        width: int = 720,
-        height: int = 1024,
-        num_steps: int = 24,
-        guidance: float = 3.5,
+        width: int = DEFAULTS.width,
+        height: int = DEFAULTS.height,
+        num_steps: int = DEFAULTS.num_steps,
+        guidance: float = DEFAULTS.guidance,
         seed: int | None = None,
         init_image: Any = None,
-        strength: float = 1.0,
+        strength: float = DEFAULTS.strength,
         silent: bool = False,
-        num_images: int = 1,
+        num_images: int = DEFAULTS.num_images,
         return_seed: bool = False,
-        jpeg_quality: int = 99,
+        jpeg_quality: int = DEFAULTS.jpeg_quality,
     ) -> io.BytesIO | list[io.BytesIO] | tuple[io.BytesIO | list[io.BytesIO], int]:
         """JPEG bytes of one image (a list when `num_images > 1`), and the seed with `return_seed`."""
         if not 1 <= jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+            raise InvalidInput(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
         bar = None if silent else tqdm(total=num_steps, desc="denoising", unit="step")
         try:
             images, seed = self.generate_images(
@@ -335,13 +357,14 @@ class FluxPipeline:
         finally:
             if bar is not None:
                 bar.close()
-        jpegs = [to_jpeg(image, jpeg_quality) for image in images]
+        jpegs = [io.BytesIO(encode_image(image, "jpeg", jpeg_quality)) for image in images]
         result = jpegs[0] if num_images == 1 else jpegs
         return (result, seed) if return_seed else result
 
 
-class LoraNotLoaded(KeyError):
-    pass
+def _stop_if_set(cancel: threading.Event, step: int, total: int) -> None:
+    if cancel.is_set():
+        raise Cancelled(f"cancelled before step {step} of {total}")
 
 
 def _to_device(part, device: torch.device):
@@ -369,11 +392,3 @@ def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool
         for name in ("pe_embedder", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"):
             getattr(model, name).compile()
     return model
-
-
-def to_jpeg(image: Image.Image, quality: int = 99) -> io.BytesIO:
-    buffer = io.BytesIO()
-    # full-resolution colour at high quality: chroma subsampling would cost more than the quality buys
-    image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
-    buffer.seek(0)
-    return buffer

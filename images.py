@@ -1,4 +1,5 @@
-"""Decoding user images (img2img inputs) and turning them into autoencoder inputs."""
+"""Images in and out: decoding user images (img2img inputs) into autoencoder inputs, and encoding generated images
+as JPEG, PNG or WebP. One home for both, shared by `FluxPipeline.generate` and the HTTP server."""
 
 import base64
 import binascii
@@ -12,19 +13,21 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from errors import InvalidInput
+
 MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
 
 
 def decode_base64_image(data: str) -> Image.Image:
-    """A base64 string or a `data:image/...;base64,` URL -> PIL image; ValueError if it is neither."""
+    """A base64 string or a `data:image/...;base64,` URL -> PIL image; InvalidInput if it is neither."""
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if ";base64" not in header:
-            raise ValueError("init_image data URL must be base64-encoded")
+            raise InvalidInput("init_image data URL must be base64-encoded")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("init_image is not valid base64") from None
+        raise InvalidInput("init_image is not valid base64") from None
     return open_image_bytes(raw)
 
 
@@ -32,10 +35,10 @@ def open_image_bytes(raw: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
         if image.width * image.height > MAX_INPUT_PIXELS:
-            raise ValueError(f"init_image is {image.width}x{image.height}: too many pixels")
+            raise InvalidInput(f"init_image is {image.width}x{image.height}: too many pixels")
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"init_image could not be decoded as an image ({type(e).__name__})") from None
+        raise InvalidInput(f"init_image could not be decoded as an image ({type(e).__name__})") from None
     return image
 
 
@@ -58,17 +61,17 @@ def load_image(value: Any, allow_path: bool = True) -> Image.Image:
         else:
             image = decode_base64_image(text)
     else:
-        raise ValueError(f"init_image of type {type(value).__name__} is not supported")
+        raise InvalidInput(f"init_image of type {type(value).__name__} is not supported")
     return image.convert("RGB")
 
 
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
-        raise ValueError(f"init_image arrays must be uint8, got {array.dtype}")
+        raise InvalidInput(f"init_image arrays must be uint8, got {array.dtype}")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"init_image array of shape {tuple(array.shape)} is not an image")
+        raise InvalidInput(f"init_image array of shape {tuple(array.shape)} is not an image")
     return Image.fromarray(array)
 
 
@@ -85,3 +88,21 @@ def to_tensor(image: Image.Image) -> Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
     return (array.permute(2, 0, 1).float() / 127.5 - 1.0)[None]
+
+
+FORMATS = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}  # output format -> media type
+
+
+def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 99) -> bytes:
+    """A generated image as JPEG, PNG (lossless; `quality` unused) or WebP bytes."""
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        # full-resolution colour at high quality: chroma subsampling would cost more than the quality buys
+        image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    elif fmt == "png":
+        image.save(buffer, format="PNG")
+    elif fmt == "webp":
+        image.save(buffer, format="WEBP", quality=quality)
+    else:
+        raise InvalidInput(f"output format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    return buffer.getvalue()

@@ -16,6 +16,7 @@ from loguru import logger
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from errors import LoraError
 from float8_quantize import F8Linear, dequantize_weight, quantize_weight
 
 
@@ -55,9 +56,9 @@ LoraDeltas = dict[str, list[LoraPart]]
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA files must be .safetensors, got {path.name}")
+        raise LoraError(f"LoRA files must be .safetensors, got {path.name}")
     if not path.is_file():
-        raise ValueError(f"LoRA file not found: {path}")
+        raise LoraError(f"LoRA file not found: {path}")
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
@@ -244,7 +245,7 @@ def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, st
     if unknown:
         logger.warning(f"LoRA: ignoring {len(unknown)} keys with no flow-model target, e.g. {unknown[:3]}")
     if not out:
-        raise ValueError(f"no usable LoRA keys for the flow model; keys look like {list(sd)[:5]}")
+        raise LoraError(f"no usable LoRA keys for the flow model; keys look like {list(sd)[:5]}")
     return out
 
 
@@ -263,12 +264,14 @@ class LoadedLora:
 class LoraFuser:
     """Keeps `model`'s touched layers equal to pristine + the sum of every loaded LoRA's delta.
 
-    A layer's pristine tensors are copied to (pinned) host memory the first time a LoRA touches it and kept
-    from then on, so later loads, swaps and unloads move no weights off the GPU. Layers that hold their
-    pristine values (not in `dirty`) are read in place: a swap uploads nothing either.
+    A layer's pristine tensors are copied to host memory the first time a LoRA touches it and kept from then on,
+    so later loads, swaps and unloads move no weights off the GPU. Layers that hold their pristine values (not in
+    `dirty`) are read in place: a swap uploads nothing either. `pin_backups`: the copies in pinned memory, which
+    costs more to take once and makes every later swap several times faster (bench/RESULTS.md, bench_lora).
     """
 
     model: nn.Module
+    pin_backups: bool = True
     loaded: dict[str, LoadedLora] = field(default_factory=dict)
     pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # host copies
     dirty: set[str] = field(default_factory=set)  # layers that hold pristine + deltas
@@ -281,7 +284,7 @@ class LoraFuser:
         for name, parts in deltas.items():
             module = modules.get(name)
             if not isinstance(module, (nn.Linear, F8Linear)):
-                raise ValueError(f"LoRA targets {name!r}, which is not a linear layer of this model")
+                raise LoraError(f"LoRA targets {name!r}, which is not a linear layer of this model")
             for p in parts:
                 rows = p.rows or (0, module.out_features)
                 if (
@@ -289,7 +292,7 @@ class LoraFuser:
                     or p.up.shape[0] != rows[1] - rows[0]
                     or rows[1] > module.out_features
                 ):
-                    raise ValueError(
+                    raise LoraError(
                         f"LoRA shapes for {name!r} do not fit the layer ({module.in_features} in, "
                         f"{module.out_features} out)"
                     )
@@ -319,7 +322,7 @@ class LoraFuser:
 
     def _keep_pristine(self, name: str, state: tuple[Tensor, ...]) -> None:
         assert name not in self.dirty  # a dirty layer always has its copy: it was taken before the first change
-        self.pristine[name] = tuple(_host_copy(t) for t in state)
+        self.pristine[name] = tuple(_host_copy(t, self.pin_backups) for t in state)
 
     @torch.no_grad()
     def _refresh(self, names: set[str]) -> None:
@@ -352,7 +355,7 @@ class LoraFuser:
                 b = p.bias_delta(scale)
                 if b is not None:
                     if bias is None:
-                        raise ValueError(f"LoRA has a bias for {name!r}, which has none")
+                        raise LoraError(f"LoRA has a bias for {name!r}, which has none")
                     bias[rows] += b.to(device)
             if isinstance(module, F8Linear):
                 q, s = quantize_weight(weight, module.weight_scaling == "per_channel")
@@ -367,15 +370,9 @@ class LoraFuser:
             torch.cuda.synchronize()  # copies finished: the change is complete when this returns
 
 
-# Pinned host copies (measured on the H200, full-size model, rank-64 LoRA on all 314 linears, bench_lora.py): the
-# first LoRA ever takes 11.4 s (pinning 11 GiB of backups) against 8.6 s pageable, but every later load, swap,
-# rescale or unload takes 0.22-0.88 s against 0.49-2.1 s pageable. Servers swap often and back up once.
-PIN_BACKUPS = True
-
-
-def _host_copy(t: Tensor) -> Tensor:
+def _host_copy(t: Tensor, pinned: bool) -> Tensor:
     """A host copy of `t`; pinned, it is taken without waiting (same-stream order keeps it safe)."""
-    if t.device.type != "cuda" or not PIN_BACKUPS:
+    if t.device.type != "cuda" or not pinned:
         return t.detach().to("cpu", copy=True)
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
     return host.copy_(t.detach(), non_blocking=True)

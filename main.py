@@ -7,7 +7,13 @@ import sys
 import time
 from pathlib import Path
 
+import uvicorn
 from loguru import logger
+
+from errors import FluxError
+
+# The library (and torch with it) is imported in `build_pipeline`, after `--cache-dir` has pointed the compile
+# and bytecode caches at their folder: imported first, torch would have read the variables already.
 
 DEFAULT_CONFIGS = {
     "flux-dev": Path(__file__).parent / "configs" / "config-dev-1-H100.json",
@@ -65,10 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     one = p.add_argument_group("one image instead of a server")
     one.add_argument("--prompt", help="generate this prompt, write --output, and exit")
     one.add_argument("--output", "-o", default="output.jpg")
-    one.add_argument("--width", type=int, default=720)
-    one.add_argument("--height", type=int, default=1024)
-    one.add_argument("--num-steps", type=int, default=None)
-    one.add_argument("--guidance", type=float, default=3.5)
+    one.add_argument("--width", type=int, default=None, help="default 720")
+    one.add_argument("--height", type=int, default=None, help="default 1024")
+    one.add_argument("--num-steps", type=int, default=None, help="default 24 (flux-schnell: 4)")
+    one.add_argument("--guidance", type=float, default=None, help="default 3.5")
     one.add_argument("--seed", type=int, default=None)
     return p.parse_args(argv)
 
@@ -106,8 +112,8 @@ def use_cache_dir(path: str) -> None:
     autotune choices, built torch extensions (optimum-quanto's CUDA one), and the bytecode of every module
     Python imports. The bytecode goes there even under PYTHONDONTWRITEBYTECODE (it never lands beside the
     installed sources): an installation without .pyc files, as in images built with that variable set,
-    otherwise compiles some 4,000 modules from source at every start (9 s of a 28 s start on an H200 machine;
-    bench/RESULTS.md). Runs before torch is imported; the compile workers inherit it through the environment."""
+    otherwise compiles some 4,000 modules from source at every start (seconds of every start; bench/RESULTS.md).
+    Runs before torch is imported; the compile workers inherit it through the environment."""
     root = Path(path).expanduser().resolve()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -125,12 +131,12 @@ def use_cache_dir(path: str) -> None:
 
 def build_pipeline(args: argparse.Namespace):
     start = time.perf_counter()
-    from flux_pipeline import WARM_UP_SIZES, FluxPipeline
+    from flux_pipeline import WARM_UP_SIZES, FluxPipeline  # after use_cache_dir: see the note at the top
 
     logger.info(f"imported the pipeline's code in {time.perf_counter() - start:.1f} s")
     overrides = config_overrides(args)
     # one image: warm up at its own size only (one step, then two), not at the sizes a server sees; compile
-    # happens at load, never in a request (SPEC), the image included
+    # happens at load, never in a request, the image included
     sizes = WARM_UP_SIZES if args.prompt is None else ((args.width, args.height),) * 2
     if args.config_path:
         return FluxPipeline.load_pipeline_from_config_path(args.config_path, sizes, **overrides)
@@ -140,7 +146,7 @@ def build_pipeline(args: argparse.Namespace):
         if key not in overrides
     ]
     if missing:
-        raise SystemExit(f"without --config-path, give {' and '.join(missing)}")
+        raise SystemExit(f"error: without --config-path, give {' and '.join(missing)}")
     base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
     return FluxPipeline.load_pipeline_from_config_path(str(base), sizes, **overrides)
 
@@ -149,24 +155,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.cache_dir:
         use_cache_dir(args.cache_dir)
+    from util import DEFAULTS  # after use_cache_dir: see the note at the top
+
+    for key in ("width", "height", "guidance"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(DEFAULTS, key))
     try:
         pipeline = build_pipeline(args)
-    except ValueError as e:
+    except FluxError as e:
         raise SystemExit(f"error: {e}") from None
     if args.prompt is not None:
-        steps = args.num_steps or (4 if pipeline.config.version == "flux-schnell" else 24)
+        steps = args.num_steps or (4 if pipeline.config.version == "flux-schnell" else DEFAULTS.num_steps)
         jpeg, seed = pipeline.generate(
             args.prompt, args.width, args.height, steps, args.guidance, args.seed, return_seed=True
         )
         Path(args.output).write_bytes(jpeg.getvalue())
         logger.info(f"wrote {args.output} (seed {seed})")
         return
+    serve(pipeline, args)
 
-    import uvicorn
 
+def serve(pipeline, args: argparse.Namespace) -> None:
+    """Warm up, then serve `pipeline` until SIGTERM/SIGINT."""
     from api import ServerSettings, create_app
 
-    DrainingServer = _draining_server()
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")
     start = time.perf_counter()
@@ -180,29 +192,29 @@ def main(argv: list[str] | None = None) -> None:
     server.run()
 
 
-def _draining_server():
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: health and new requests answer 503, queued jobs fail, the running job finishes, then
+    uvicorn closes the connections and the process exits 0."""
 
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: health and new requests answer 503, queued jobs fail, the running job finishes,
-        then uvicorn closes the connections and the process exits 0."""
-
-        def handle_exit(self, sig, frame) -> None:
-            drain = getattr(self.config.app.state, "drain", None)
-            if drain is not None and not self.should_exit:
-                drain()
-            super().handle_exit(sig, frame)
-            if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0); uvicorn would re-raise it
-                captured = getattr(self, "_captured_signals", [])
-                captured[:] = [s for s in captured if s != signal.SIGTERM]
-
-    return DrainingServer
+    def handle_exit(self, sig, frame) -> None:
+        drain = getattr(self.config.app.state, "drain", None)
+        if drain is not None and not self.should_exit:
+            drain()
+        super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0); uvicorn would re-raise it
+            captured = getattr(self, "_captured_signals", [])
+            captured[:] = [s for s in captured if s != signal.SIGTERM]
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script's entry (`flux-fp8-api`): `main`, then a quick exit once its output is written."""
     main()
     # done, output written and logged: skip the interpreter's teardown, which waits for torch.compile's worker
-    # processes to stop (7 s of a 41 s one-image run on the H200; bench/RESULTS.md)
+    # processes to stop (seconds of a one-image run; bench/RESULTS.md)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+if __name__ == "__main__":
+    run()

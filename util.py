@@ -1,5 +1,6 @@
-"""Configuration (`ModelSpec`) and the component loaders."""
+"""Configuration (`ModelSpec`), the generation defaults and limits, and the component loaders."""
 
+import dataclasses
 import json
 import os
 import warnings
@@ -13,10 +14,50 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+import encoder_quantize
+import float8_quantize
+from errors import ConfigError
+from float8_quantize import F8Settings
+from kernels import fp8_attention
+from kernels.options import KernelOptions
 from modules.autoencoder import AutoEncoder, AutoEncoderParams
 from modules.conditioner import HFEmbedder
 from modules.flux_model import Flux, FluxParams
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """What a request leaves out gets these (the original's), in the CLI, the HTTP API and `FluxPipeline`."""
+
+    width: int = 720
+    height: int = 1024
+    num_steps: int = 24
+    guidance: float = 3.5
+    strength: float = 1.0
+    num_images: int = 1
+    jpeg_quality: int = 99
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationLimits:
+    """What the HTTP API accepts (the Python API floors sizes to multiples of 16 and leaves the rest to the caller)."""
+
+    size_multiple: int = 16
+    min_size: int = 128
+    max_size: int = 2048
+    max_pixels: int = 2048 * 2048
+    max_steps: int = 100
+    max_guidance: float = 20.0
+    max_images: int = 4
+    max_seed: int = 2**53 - 1  # exact in JSON numbers
+    max_prompt_chars: int = 10_000
+    max_init_image_bytes: int = 20 * 1024 * 1024
+
+
+DEFAULTS = GenerationDefaults()
+LIMITS = GenerationLimits()
 
 # Keys of the original's configs: renamed (warned, then used) or informational (warned, then ignored).
 RENAMED_KEYS = {
@@ -106,7 +147,8 @@ class ModelSpec(BaseModel):
     f8_weight_scaling: Literal["per_channel", "per_tensor"] = "per_channel"
     f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = "dynamic_per_token"
     f8_fast_accum: bool = True
-    fp8_attention: bool = False  # opt-in fast mode: attention in e4m3 too (not exact; modules/fp8_attention.py)
+    f8_calibration_size: int = Field(default=float8_quantize.CALIBRATION_SIZE, ge=64, le=2048, multiple_of=16)
+    fp8_attention: bool = False  # opt-in fast mode: attention in e4m3 too (not exact; kernels/fp8_attention.py)
 
     @model_validator(mode="before")
     @classmethod
@@ -170,6 +212,15 @@ class ModelSpec(BaseModel):
     def flow_fp8(self) -> bool:
         return self.flow_quantization_dtype == "qfloat8"
 
+    @property
+    def f8_settings(self) -> F8Settings:
+        return F8Settings(
+            weight_scaling=self.f8_weight_scaling,
+            activation_scaling=self.f8_activation_scaling,
+            quantize_modulation=self.quantize_modulation,
+            quantize_flow_embedder_layers=self.quantize_flow_embedder_layers,
+        )
+
 
 def _resolve_relative(data: dict, base_dir: Path) -> dict:
     """Relative paths in a config file are tried against the working directory, then the file's folder."""
@@ -186,13 +237,13 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> ModelSpec:
     """Read a JSON config; `overrides` are config keys, validated like the file's."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path} is not valid JSON: {e}") from e
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a JSON object")
+        raise ConfigError(f"config file {path} must hold a JSON object")
     data.update(overrides)
     return spec_from_dict(_resolve_relative(data, path.parent))
 
@@ -207,16 +258,16 @@ def spec_from_dict(data: dict) -> ModelSpec:
             key = ".".join(str(p) for p in err["loc"]) or "config"
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"{key}: {msg}")
-        raise ValueError("invalid config: " + "; ".join(lines)) from None
+        raise ConfigError("invalid config: " + "; ".join(lines)) from None
 
 
 def check_device(device: str, key: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{key} is {device!r} but CUDA is not available (use 'cpu')")
+            raise ConfigError(f"{key} is {device!r} but CUDA is not available (use 'cpu')")
         if (dev.index or 0) >= torch.cuda.device_count():
-            raise ValueError(f"{key} is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ConfigError(f"{key} is {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return dev
 
 
@@ -252,70 +303,95 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
     missing = sorted(expected - sd.keys())
     unexpected = sorted(sd.keys() - expected)
     if missing:
-        raise ValueError(f"{what}: checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}")
+        raise ConfigError(f"{what}: checkpoint lacks {len(missing)} keys, e.g. {missing[:5]}")
     if unexpected:
         logger.warning(f"{what}: ignoring {len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
     model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
 
 
-def load_flow_model(config: ModelSpec) -> nn.Module:
+def load_flow_model(config: ModelSpec, options: KernelOptions = KernelOptions()) -> nn.Module:
     """The flow transformer on `flux_device` in `flow_dtype`, fp8 linears if `flow_quantization_dtype` is qfloat8,
-    fp8 attention if `fp8_attention`."""
+    fp8 attention if `fp8_attention` (which sets `options.fp8_attention`)."""
     device = check_device(config.flux_device, "flux_device")
+    options = dataclasses.replace(options, fp8_attention=config.fp8_attention)
     if config.fp8_attention:  # checked before any weight is read
-        from modules import fp8_attention
-
         if device.type != "cuda":
             logger.warning(f"fp8_attention on {device}: torch ops emulate cuDNN's fp8 math, slower than the default")
         elif problem := fp8_attention.unsupported(device, config.params.hidden_size // config.params.num_heads):
-            raise ValueError(f"fp8_attention: {problem}")
-    model = _load_flow_weights(config, device)
-    if config.fp8_attention:
-        model.use_fp8_attention(True)
-        logger.info("fp8 attention on: e4m3 q, k, v, probabilities and output (opt-in, not exact; see README)")
-    return model
-
-
-def _load_flow_weights(config: ModelSpec, device: torch.device) -> nn.Module:
-    import float8_quantize
-
+            raise ConfigError(f"fp8_attention: {problem}")
     with torch.device("meta"):
-        model = Flux(FluxParams(**config.params.model_dump()))
+        model = Flux(FluxParams(**config.params.model_dump()), options)
     if config.flow_fp8:
-        return float8_quantize.load_fp8_flow_model(model, config, device)
-    if config.prequantized_flow:
-        raise ValueError("prequantized_flow is true but flow_quantization_dtype is not 'qfloat8'")
-    dtype = config.flow_torch_dtype
-    sd = read_safetensors(config.ckpt_path, device, lambda k, t: {k: t.to(dtype)})
-    assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
+        _load_fp8_weights(model, config, device)
+    else:
+        if config.prequantized_flow:
+            raise ConfigError("prequantized_flow is true but flow_quantization_dtype is not 'qfloat8'")
+        dtype = config.flow_torch_dtype
+        sd = read_safetensors(config.ckpt_path, device, lambda k, t: {k: t.to(dtype)})
+        assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
+    if config.fp8_attention:
+        logger.info("fp8 attention on: e4m3 q, k, v, probabilities and output (opt-in, not exact; see README)")
     return model.eval().requires_grad_(False)
 
 
-def load_autoencoder(config: ModelSpec) -> AutoEncoder:
+def _load_fp8_weights(model: Flux, config: ModelSpec, device: torch.device) -> None:
+    """Swap `model`'s (meta) linears for F8Linear and fill it from `config.ckpt_path`, quantizing tensor by tensor.
+
+    A bf16 checkpoint is quantized as each weight arrives on `device`, so the peak is the fp8 model plus one bf16
+    tensor; a prequantized one is read as is.
+    """
+    settings, dtype, path = config.f8_settings, config.flow_torch_dtype, config.ckpt_path
+    f8_modules = float8_quantize.swap_for_f8(model, settings, config.f8_fast_accum, dtype)
+    metadata = read_metadata(path)
+    if config.prequantized_flow:
+        float8_quantize.check_metadata(metadata, settings, config.params.model_dump(), path)
+    elif metadata.get("format") == float8_quantize.METADATA_FORMAT:
+        raise ConfigError(f"{path} is a prequantized checkpoint: set prequantized_flow to true")
+    convert = float8_quantize.tensor_converter(f8_modules, settings, dtype, config.prequantized_flow)
+    sd = read_safetensors(path, device, convert)
+    needs_calibration = settings.activation_scaling == "static_per_tensor" and not config.prequantized_flow
+    if needs_calibration:
+        sd.update({f"{n}.input_scale": torch.zeros((), device=device) for n in f8_modules})
+    assign_state_dict(model, sd, f"flow model {path}")
+    model.eval().requires_grad_(False)
+    float8_quantize.match_device(model, device)
+    if needs_calibration:
+        float8_quantize.calibrate(model, dtype, size=config.f8_calibration_size)
+    logger.info(
+        f"fp8 flow model: {len(f8_modules)} F8Linear layers ({settings.weight_scaling} weights, "
+        f"{settings.activation_scaling} activations) on {device}"
+    )
+
+
+def write_prequantized(config_path: str, output: str, device: str | None = None) -> None:
+    """Quantize the flow model a config names (on `device`, default its `flux_device`) and write it to `output`."""
+    overrides: dict[str, Any] = {"flow_quantization_dtype": "qfloat8", "prequantized_flow": False}
+    if device:
+        overrides["flux_device"] = device
+    config = load_config(config_path, **overrides)
+    metadata = float8_quantize.metadata_for(config.f8_settings, config.params.model_dump(), config.flow_dtype)
+    float8_quantize.save_prequantized(load_flow_model(config), output, metadata)
+
+
+def load_autoencoder(config: ModelSpec, options: KernelOptions = KernelOptions()) -> AutoEncoder:
     device = check_device(config.ae_device, "ae_device")
     with torch.device("meta"):
-        ae = AutoEncoder(AutoEncoderParams(**config.ae_params.model_dump()))
+        ae = AutoEncoder(AutoEncoderParams(**config.ae_params.model_dump()), options)
     dtype = TORCH_DTYPES[config.ae_dtype]
     sd = read_safetensors(config.ae_path, device, lambda k, t: {k: t.to(dtype)})
     assign_state_dict(ae, sd, f"autoencoder {config.ae_path}")
     if config.ae_quantization_dtype == "qfloat8":
-        import encoder_quantize
-
         encoder_quantize.quantize_autoencoder(ae)
     return ae.eval().requires_grad_(False)
 
 
 def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype, device: torch.device, quant):
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-    import encoder_quantize
-
     model_cls = CLIPTextModel if is_clip else T5EncoderModel
     tokenizer = AutoTokenizer.from_pretrained(path)
     bnb = encoder_quantize.bitsandbytes_config(quant, dtype)
     if bnb is not None:
         if device.type != "cuda":
-            raise ValueError(f"text encoder quantization {quant!r} (bitsandbytes) needs a CUDA device, not {device}")
+            raise ConfigError(f"text encoder quantization {quant!r} (bitsandbytes) needs a CUDA device, not {device}")
         model = model_cls.from_pretrained(path, dtype=dtype, quantization_config=bnb, device_map={"": device})
     else:
         # a GPU's encoder is read straight onto it and quantized there: T5-XXL's 4.8B weights take seconds on the

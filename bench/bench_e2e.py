@@ -1,7 +1,7 @@
 """End-to-end timing: prompt -> JPEG with random full-size T5-XXL, CLIP-L, FLUX.1-dev flow model and autoencoder.
 
-    python bench/bench_e2e.py --out $OUT/e2e.json                 # H200: 28 steps at 1024x1024
-    python bench/bench_e2e.py --tiny --device cpu --steps 2 --size 256x256  # smoke test of the script
+    python -m bench.bench_e2e --out $OUT/e2e.json                 # H200: 28 steps at 1024x1024
+    python -m bench.bench_e2e --tiny --device cpu --steps 2 --size 256x256  # smoke test of the script
 
 Splits the time into text encoding, denoising and decoding (the pipeline logs the same split), after one
 warm-up image. The tokenizers are the tiny demo's (ids fit any vocabulary); weights are random, which costs
@@ -11,21 +11,22 @@ the same time as real ones.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import float8_quantize as f8
+from bench import report
+from bench.bench_flow import random_model, random_weights_config
+from flux_pipeline import FluxPipeline, compile_flow_model
+from kernels.options import KernelOptions
+from modules import sampling
+from modules.autoencoder import AutoEncoder, AutoEncoderParams
+from modules.conditioner import HFEmbedder
+from util import spec_from_dict
 
-from bench import report  # noqa: E402
-from bench.bench_flow import random_model, random_weights_config  # noqa: E402
-from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
-from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from modules.conditioner import HFEmbedder  # noqa: E402
-from util import spec_from_dict  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_encoders(tiny: bool, device: str, dtype: torch.dtype) -> tuple[HFEmbedder, HFEmbedder]:
@@ -90,10 +91,8 @@ def main() -> None:
         offload_text_encoder=args.offload, offload_vae=args.offload,
     )  # fmt: skip
     config = spec_from_dict(cfg)
-    import float8_quantize as f8
-
     model = f8.quantize_flow_model(random_model(cfg["params"], args.device, torch.bfloat16), f8.F8Settings())
-    model.use_fp8_attention(args.fp8_attention)
+    model.set_kernel_options(KernelOptions(fp8_attention=args.fp8_attention))
     with torch.device(ae_dev):
         ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"])).to(torch.bfloat16).eval().requires_grad_(False)
     clip, t5 = random_encoders(args.tiny, enc_dev, torch.bfloat16)
@@ -127,8 +126,6 @@ def main() -> None:
         phases["text"].append(t1 - t0)
         assert jpeg.getvalue()[:2] == b"\xff\xd8"
     # denoise alone, to split the end-to-end time
-    from modules import sampling
-
     img = sampling.pack(sampling.get_noise(1, height, width, 0)).to(args.device)
     ids, tids = sampling.img_ids(1, height, width).to(args.device), sampling.txt_ids(1, txt.shape[1]).to(args.device)
     steps = sampling.get_schedule(args.steps, img.shape[1])
@@ -148,14 +145,12 @@ def main() -> None:
         sync()
         phases["denoise"].append(time.perf_counter() - t)
         phases["decode"].append(decode_s(out))
-    # the same decode with PyTorch's GroupNorm (`modules.group_norm` off), for the same-run comparison
-    from modules import group_norm
-
-    group_norm.ENABLED = False
+    # the same decode with PyTorch's GroupNorm (the kernel off), for the same-run comparison
+    pipe.ae.set_kernel_options(KernelOptions(group_norm=False))
     try:
         torch_norm = [decode_s(out) for _ in range(args.reps)]
     finally:
-        group_norm.ENABLED = True
+        pipe.ae.set_kernel_options(KernelOptions())
     result = {
         "size": args.size,
         "steps": args.steps,

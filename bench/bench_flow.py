@@ -8,31 +8,28 @@ bf16, against the float32 block). Guidance 4.0 (exact in bf16). Variants take op
 `options` and `measure`); by default the compiled ones replay CUDA graphs ('@graph'), as the pipeline does, and
 '@loop' times whole 28-step denoising loops.
 
-    python bench/bench_flow.py --out $OUT/flow.json            # H200
-    python bench/bench_flow.py --tiny --device cpu --reps 2     # smoke test of the script itself
+    python -m bench.bench_flow --out $OUT/flow.json            # H200
+    python -m bench.bench_flow --tiny --device cpu --reps 2     # smoke test of the script itself
 """
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import float8_quantize as f8  # noqa: E402
-import fp8_kernels  # noqa: E402
-from bench import report  # noqa: E402
-from bench.accuracy import per_block_errors, per_linear_errors, summary  # noqa: E402
-from cuda_graphs import GraphedFlow  # noqa: E402
-from flux_pipeline import compile_flow_model  # noqa: E402
-from modules import flux_model, qk_kernels, sampling  # noqa: E402
-from modules.flux_model import Flux, FluxParams  # noqa: E402
+import float8_quantize as f8
+from bench import report
+from bench.accuracy import per_block_errors, per_linear_errors, summary
+from cuda_graphs import GraphedFlow
+from flux_pipeline import compile_flow_model
+from kernels import fp8_attention
+from kernels.options import KernelOptions
+from modules import sampling
+from modules.flux_model import Flux, FluxParams
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {  # name: (weight scaling, activation scaling, fast accumulation)
@@ -95,35 +92,18 @@ def inputs(p: dict, height: int, width: int, device: str, dtype: torch.dtype, se
     )
 
 
-@contextlib.contextmanager
-def options(label: str):
-    """'@flash': flash attention first instead of cuDNN; '@unfused': eager activation quantization with torch
-    ops; '@twopass': the MLP outputs' GELU+concat+quantization as torch ops (inductor-fused when compiled)
-    instead of the one-pass kernel; '@nonorm': the same for LayerNorm+modulation+quantization; '@noqk': the
-    QK-norm + rotary embedding as torch ops instead of `qk_kernels`; '@exacttanh' / '@fasttanh': the GELU
-    kernel's tanh computed exactly / as the GPU's approximate instruction (the default)."""
-    flags = (
-        (fp8_kernels, "GELU_PASS", "@twopass"),
-        (fp8_kernels, "NORM_PASS", "@nonorm"),
-        (qk_kernels, "ENABLED", "@noqk"),
-    )
-    saved = flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, [getattr(m, f) for m, f, _ in flags]
-    if "@flash" in label:
-        flux_model.SDPA_PRIORITY = [b for b in saved[0] if b != flux_model.SDPBackend.CUDNN_ATTENTION]
-    if "@unfused" in label:
-        fp8_kernels.dynamic_quantizer = lambda cuda: fp8_kernels.dynamic_quantize
-    for module, flag, tag in flags:
-        if tag in label:
-            setattr(module, flag, False)
-    fast_tanh = fp8_kernels.FAST_TANH
-    fp8_kernels.FAST_TANH = "@exacttanh" not in label and (fast_tanh or "@fasttanh" in label)
-    try:
-        yield
-    finally:
-        flux_model.SDPA_PRIORITY, fp8_kernels.dynamic_quantizer, values = saved
-        for (module, flag, _), value in zip(flags, values, strict=True):
-            setattr(module, flag, value)
-        fp8_kernels.FAST_TANH = fast_tanh
+def kernel_options(label: str) -> KernelOptions:
+    """The kernels a variant runs: the fp8 attention for the fast mode (`FP8_ATTN`), and the label's options:
+    '@flash': flash attention first instead of cuDNN; '@twopass': the MLP outputs' GELU+concat+quantization as
+    torch ops (inductor-fused when compiled) instead of the one-pass kernel; '@nonorm': the same for
+    LayerNorm+modulation+quantization; '@noqk': the QK-norm + rotary embedding as torch
+    ops instead of `kernels.qk_norm_rope`; '@exacttanh' / '@fasttanh': the GELU kernel's tanh computed exactly /
+    as the GPU's approximate instruction (the default)."""
+    tags = {"@flash": "cudnn_attention", "@twopass": "fused_gelu", "@nonorm": "fused_norm", "@noqk": "qk_kernel"}
+    changes = {field: False for tag, field in tags.items() if tag in label}
+    if "@exacttanh" in label or "@fasttanh" in label:
+        changes["fast_tanh"] = "@fasttanh" in label
+    return KernelOptions(fp8_attention=label.split("@")[0] == FP8_ATTN, **changes)
 
 
 def sync(device: str) -> None:
@@ -180,6 +160,7 @@ def measure(model, x: dict, reps: int, device: str, label: str = "") -> tuple[fl
     '@graph' in the label: the forward replays as a CUDA graph (`cuda_graphs.GraphedFlow`), as the pipeline
     runs it. '@loop': per step of a 28-step denoising loop (`time_loop`); '@loop@notable' without the
     modulation table."""
+    model.set_kernel_options(kernel_options(label))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -210,8 +191,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--eager-extra",
-        default="fp8 ch/tok@unfused,fp8 ch/tok@flash,bf16@flash",
-        help="more eager variants: a mode with '@flash', '@unfused', '@twopass' and/or '@graph'",
+        default="fp8 ch/tok@flash,bf16@flash",
+        help="more eager variants: a mode with '@flash', '@twopass', '@nonorm', '@noqk' and/or '@graph'",
     )
     ap.add_argument("--modes", default=",".join(MODES), help="fp8 modes to build (accuracy and eager timing)")
     ap.add_argument("--eager", default=None, help="variants to time eagerly (default: every built one)")
@@ -253,7 +234,7 @@ def main() -> None:
     if fp8_attention_wanted(args.fp8_attention, dev, p):
         w, a, fast = MODES["fp8 ch/tok"]
         variants[FP8_ATTN] = f8.quantize_flow_model(copy.deepcopy(bf16), f8.F8Settings(w, a), fast_accum=fast)
-        variants[FP8_ATTN].use_fp8_attention(True)
+        variants[FP8_ATTN].set_kernel_options(KernelOptions(fp8_attention=True))
     sync(dev)
     print(f"built {len(variants)} variants in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -271,11 +252,10 @@ def main() -> None:
             print(f"skipped {label}: not built", flush=True)
             continue
         model = variants[label.split("@")[0]]
-        with options(label):
-            for size in sizes:
-                x = inputs(p, *size, dev, torch.bfloat16)
-                ms, peak = measure(model, x, args.reps, dev, label)
-                result["timing"][f"{label} eager {size[0]}x{size[1]}"] = {"ms": ms, "it_s": 1000 / ms, "peak_gib": peak}
+        for size in sizes:
+            x = inputs(p, *size, dev, torch.bfloat16)
+            ms, peak = measure(model, x, args.reps, dev, label)
+            result["timing"][f"{label} eager {size[0]}x{size[1]}"] = {"ms": ms, "it_s": 1000 / ms, "peak_gib": peak}
         print(f"{label} eager done at {time.perf_counter() - t0:.0f} s", flush=True)
     for label in [c for c in args.compile.split(",") if c]:
         if time.perf_counter() - t0 > args.budget_s or label.split("@")[0] not in variants:
@@ -283,21 +263,21 @@ def main() -> None:
             continue
         torch._dynamo.reset()
         model = compile_flow_model(variants[label.split("@")[0]])
-        with options(label):
-            for size in sizes:
-                x = inputs(p, *size, dev, torch.bfloat16)
-                t = time.perf_counter()
-                with torch.no_grad():
-                    model(**x)  # compiles at this size
-                sync(dev)
-                first = time.perf_counter() - t
-                ms, peak = measure(model, x, args.reps, dev, label)
-                result["timing"][f"{label} compiled {size[0]}x{size[1]}"] = {
-                    "ms": ms,
-                    "it_s": 1000 / ms,
-                    "peak_gib": peak,
-                    "first_call_s": first,
-                }
+        model.set_kernel_options(kernel_options(label))  # before compiling: they are traced in
+        for size in sizes:
+            x = inputs(p, *size, dev, torch.bfloat16)
+            t = time.perf_counter()
+            with torch.no_grad():
+                model(**x)  # compiles at this size
+            sync(dev)
+            first = time.perf_counter() - t
+            ms, peak = measure(model, x, args.reps, dev, label)
+            result["timing"][f"{label} compiled {size[0]}x{size[1]}"] = {
+                "ms": ms,
+                "it_s": 1000 / ms,
+                "peak_gib": peak,
+                "first_call_s": first,
+            }
         print(f"{label} compiled done at {time.perf_counter() - t0:.0f} s", flush=True)
 
     if args.out:
@@ -312,8 +292,6 @@ def fp8_attention_wanted(choice: str, device: str, p: dict) -> bool:
     """Whether to build the fast mode's variant: `on`, or `auto` where it can run (it says why not)."""
     if choice != "auto":
         return choice == "on"
-    from modules import fp8_attention
-
     problem = fp8_attention.unsupported(torch.device(device), p["hidden_size"] // p["num_heads"])
     if problem:
         print(f"not building '{FP8_ATTN}': fp8_attention {problem}", flush=True)

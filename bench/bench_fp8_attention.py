@@ -2,12 +2,12 @@
 cuDNN SDPA at FLUX.1's token counts (24 heads of 128, batch 1), each kernel alone on inputs quantized beforehand,
 every tile configuration timed (CUDA graph of 10 launches, median), error against float32 SDPA. The search for
 issue 7's opt-in fast mode: the Triton kernels here stay experiments; the fast mode the library ships is the
-`cudnn` grid's, cuDNN's own fp8 attention (`modules/fp8_attention.py`; results: bench/RESULTS.md).
+`cudnn` grid's, cuDNN's own fp8 attention (`kernels/fp8_attention.py`; results: bench/RESULTS.md).
 
-    python3 bench/bench_fp8_attention.py --grid per-token   # KTILE x EXP16 x LAZY, 4608 and 2816 tokens
-    python3 bench/bench_fp8_attention.py --grid ws          # KTILE x warp specialization, 4608 tokens
-    python3 bench/bench_fp8_attention.py --grid scales      # one scale for q and k; int8 q/k; bf16 p @ v
-    python3 bench/bench_fp8_attention.py --grid cudnn       # cuDNN's own fp8 attention (modules/fp8_attention.py)
+    python -m bench.bench_fp8_attention --grid per-token   # KTILE x EXP16 x LAZY, 4608 and 2816 tokens
+    python -m bench.bench_fp8_attention --grid ws          # KTILE x warp specialization, 4608 tokens
+    python -m bench.bench_fp8_attention --grid scales      # one scale for q and k; int8 q/k; bf16 p @ v
+    python -m bench.bench_fp8_attention --grid cudnn       # cuDNN's own fp8 attention (kernels/fp8_attention.py)
 
 Inputs: RMS-normalized q and k with four strong channels (k with a per-channel offset too); `sharpness` scales
 the logits (3: nearly one-hot rows).
@@ -27,16 +27,13 @@ import itertools
 import math
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from modules import fp8_attention as fa  # noqa: E402
+from kernels import fp8_attention as fa
 
 E4M3 = torch.float8_e4m3fn
 
@@ -402,7 +399,7 @@ def main_cudnn():
             bound = torch.tensor(2 * sharp * math.sqrt(q.shape[-1]), device="cuda")  # inputs(): rms 2 * sharp
             for name, bq, bk in (("bound", bound, bound), ("amax", q.abs().amax(), k.abs().amax())):
                 packed = fa.quantize(q, k, v, bq, bk)
-                kernel = functools.partial(torch.ops.flux_ops.cudnn_fp8_sdpa, *packed)
+                kernel = functools.partial(torch.ops.flux.cudnn_fp8_sdpa, *packed)
                 sv = packed[3][2, 0]
                 err = rel_error(kernel().flatten(2).float() * sv, exact)
                 emulated = rel_error(fa.emulate(*packed).flatten(2).float() * sv, exact)

@@ -1,6 +1,6 @@
 """Loading the full-size flow model straight to fp8: peak GPU memory and time, bf16 and prequantized files.
 
-    python bench/bench_load.py --dir /tmp/flux-load --out $OUT/load.json
+    python -m bench.bench_load --dir /tmp/flux-load --out $OUT/load.json
 
 Writes a random full-size FLUX.1-dev checkpoint in bf16 (about 24 GB) to --dir, then, each in a fresh
 process: loads it into the fp8 model (quantizing tensor by tensor on the GPU), writes the prequantized file,
@@ -17,11 +17,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 CHILD = """
 import json, sys, time, torch
-sys.path.insert(0, {root!r})
 import float8_quantize as f8
 from util import load_config, load_flow_model
 cfg = load_config({config!r}, ckpt_path={ckpt!r}, ae_path={ckpt!r}, prequantized_flow={pre}, flux_device="cuda:0")
@@ -30,15 +27,15 @@ model = load_flow_model(cfg)
 torch.cuda.synchronize(); seconds = time.perf_counter() - t
 resident = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
 if {save!r}:
-    f8.save_prequantized(model, cfg, {save!r})
+    f8.save_prequantized(model, {save!r}, f8.metadata_for(cfg.f8_settings, cfg.params.model_dump(), cfg.flow_dtype))
 print(json.dumps(dict(seconds=seconds, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                       model_gib=resident / 2**30)))
 """
 
 
 def child(config: str, ckpt: str, pre: bool, save: str | None) -> dict:
-    code = CHILD.format(root=str(ROOT), config=config, ckpt=ckpt, pre=pre, save=save)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    code = CHILD.format(config=config, ckpt=ckpt, pre=pre, save=save)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """LoRA hot swap on the full-size fp8 flow model: load/unload times, no recompiles, exact restore.
 
-    python bench/bench_lora.py --out $OUT/lora.json      # H200 (random weights, rank 64, every linear)
+    python -m bench.bench_lora --out $OUT/lora.json      # H200 (random weights, rank 64, every linear)
 
 Builds the full-size FLUX.1-dev flow model with random weights, quantizes it to fp8 (default settings),
 compiles its blocks and runs one 1024x1024 step. Then, through `FluxPipeline.load_lora/unload_lora` and a
@@ -12,7 +12,6 @@ bit-identical to the output before the first load.
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -20,14 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import float8_quantize as f8
+from bench.bench_flow import inputs, params, random_model, random_weights_config
+from flux_pipeline import FluxPipeline, compile_flow_model
+from util import spec_from_dict
 
-import float8_quantize as f8  # noqa: E402
-import lora_loading  # noqa: E402
-from bench.bench_flow import inputs, params, random_model, random_weights_config  # noqa: E402
-from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
-from util import spec_from_dict  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def lora_file(model: torch.nn.Module, rank: int, seed: int, path: Path) -> tuple[int, int]:
@@ -49,17 +46,16 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny architecture on any device (smoke test)")
     ap.add_argument("--size", default="1024x1024")
     ap.add_argument("--workdir", default="/tmp")
-    ap.add_argument("--pageable", action="store_true", help="pageable host backups (lora_loading.PIN_BACKUPS off)")
+    ap.add_argument("--pageable", action="store_true", help="pageable host backups (pin_lora_backups=False)")
     ap.add_argument("--prepare", action="store_true", help="FluxPipeline.prepare_loras() first, timed (the server "
                     "does it at start-up with --lora-dir)")  # fmt: skip
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = args.device
-    lora_loading.PIN_BACKUPS = not args.pageable
     p = params(args.tiny)
     cfg = random_weights_config(args.tiny, flux_device=dev, ae_device=dev, text_enc_device=dev)
     model = f8.quantize_flow_model(random_model(p, dev, torch.bfloat16), f8.F8Settings())
-    pipe = FluxPipeline(spec_from_dict(cfg), model, None, None, None)
+    pipe = FluxPipeline(spec_from_dict(cfg), model, None, None, None, pin_lora_backups=not args.pageable)
     compile_flow_model(model)
     height, width = (int(v) for v in args.size.split("x"))
     x = inputs(p, height, width, dev, torch.bfloat16)

@@ -1,6 +1,6 @@
 """Components on separate GPUs: same seed, same image as on one GPU, and the end-to-end latency of each placement.
 
-    python bench/bench_multi_gpu.py --out $OUT/multi_gpu.json     # two GPUs, full-size random weights
+    python -m bench.bench_multi_gpu --out $OUT/multi_gpu.json     # two GPUs, full-size random weights
 
 Builds one set of random full-size components (fp8 flow model, T5-XXL, CLIP-L, autoencoder) and moves them
 between placements, so every placement runs the same weights. For each placement (flow, text encoders,
@@ -12,22 +12,20 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import float8_quantize as f8
+from bench.bench_e2e import random_encoders
+from bench.bench_flow import random_model, random_weights_config
+from flux_pipeline import FluxPipeline, compile_flow_model
+from modules.autoencoder import AutoEncoder, AutoEncoderParams
+from util import spec_from_dict
 
-import float8_quantize as f8  # noqa: E402
-from bench.bench_e2e import random_encoders  # noqa: E402
-from bench.bench_flow import random_model, random_weights_config  # noqa: E402
-from flux_pipeline import FluxPipeline, compile_flow_model  # noqa: E402
-from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from util import spec_from_dict  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PLACEMENTS = ["cuda:0,cuda:0,cuda:0", "cuda:0,cuda:1,cuda:1", "cuda:1,cuda:0,cuda:0", "cuda:0,cuda:1,cuda:0"]
 

@@ -1,6 +1,6 @@
 """Serving benchmarks on full-size random checkpoints written to disk: start-up to first image, and replicas.
 
-    python bench/bench_serving.py --workdir /tmp/fluxbench --out $OUT/serving.json
+    python -m bench.bench_serving --workdir /tmp/fluxbench --out $OUT/serving.json
 
 1. Writes a full-size random FLUX.1-dev checkpoint set the way users have it on disk: a prequantized fp8 flow
    model (`float8_quantize.py`'s format), a BFL autoencoder file, and T5-XXL and CLIP-L as `transformers`
@@ -31,11 +31,10 @@ from pathlib import Path
 import httpx
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench import report
+from main import COMPILE_CACHES
 
-from bench import report  # noqa: E402
-from main import COMPILE_CACHES  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 REQUEST = {"prompt": "a lighthouse at dusk, oil painting", "width": 1024, "height": 1024, "num_steps": 28}
 
@@ -111,7 +110,7 @@ def run_logged(cmd: list[str], env: dict, log: Path, timeout: float = 400) -> di
     ended (`log_offsets`)."""
     launched = time.time()
     with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
     return {"exit": code, "total_s": round(time.time() - launched, 2), "phases_s": log_offsets(log, launched)}
 
 

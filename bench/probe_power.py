@@ -1,6 +1,6 @@
 """Where a back-to-back denoising step's time goes beyond its kernels: clocks, power and the library floor.
 
-    python bench/probe_power.py --size 1024x1024 --out $OUT/power.json
+    python -m bench.probe_power --size 1024x1024 --out $OUT/power.json
 
 On the GPU, for the compiled fp8 model replayed as a CUDA graph (as the pipeline runs it), four phases, each
 with `nvidia-smi` sampling SM clock, power and the active clock-limit reasons every 100 ms:
@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +26,11 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import float8_quantize as f8  # noqa: E402
-from bench.bench_flow import MODES, inputs, params, random_model  # noqa: E402
-from bench.profile_step import classify  # noqa: E402
-from cuda_graphs import GraphedFlow  # noqa: E402
-from flux_pipeline import compile_flow_model  # noqa: E402
+import float8_quantize as f8
+from bench.bench_flow import MODES, inputs, params, random_model
+from bench.profile_step import classify
+from cuda_graphs import GraphedFlow
+from flux_pipeline import compile_flow_model
 
 
 def smi_fields() -> str:

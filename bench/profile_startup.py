@@ -1,6 +1,6 @@
 """Where a one-image run's start-up goes, with a warm compile cache: imports, CUDA, load, warm-up, image.
 
-    python bench/profile_startup.py --workdir /tmp/fluxbench --top 40
+    python -m bench.profile_startup --workdir /tmp/fluxbench --top 40
 
 Uses bench_serving's full-size random checkpoint set (written if missing) and fills a `--cache-dir` with one
 cold run if it is empty. Then, with the warm caches: the plain run (phases from its log), the run with
@@ -17,15 +17,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench.bench_serving import one_image_args, run_logged, startup, write_files
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.bench_serving import one_image_args, run_logged, startup, write_files  # noqa: E402
-
 PROFILE = """
 import cProfile, pstats, sys
 sys.argv = ["main.py", *{argv!r}]
-sys.path.insert(0, {root!r})
 import main
 cProfile.run("main.main()", {stats!r})
 p = pstats.Stats({stats!r})
@@ -74,7 +71,7 @@ def main() -> None:
     imports = out / "importtime.log"
     result["importtime"] = run_logged([sys.executable, "-X", "importtime", str(ROOT / "main.py"), *argv], env, imports)
     stats = out / "startup.prof"
-    script = PROFILE.format(argv=argv, root=str(ROOT), stats=str(stats), top=args.top)
+    script = PROFILE.format(argv=argv, stats=str(stats), top=args.top)
     profile_log = out / "cprofile.log"
     result["cprofile"] = run_logged([sys.executable, "-c", script], env, profile_log)
     print(json.dumps(result, indent=1))

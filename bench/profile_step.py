@@ -1,21 +1,17 @@
 """Where one compiled 1024x1024 denoising step spends its GPU time, per kernel, for a few fp8 modes.
 
-python bench/profile_step.py --modes "fp8 ch/tok,fp8 ten/ten"
+python -m bench.profile_step --modes "fp8 ch/tok,fp8 ten/ten"
 """
 
 import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import float8_quantize as f8  # noqa: E402
-from bench.bench_flow import MODES, inputs, params, random_model  # noqa: E402
-from flux_pipeline import compile_flow_model  # noqa: E402
+import float8_quantize as f8
+from bench.bench_flow import MODES, inputs, params, random_model
+from flux_pipeline import compile_flow_model
 
 
 def classify(name: str) -> str:

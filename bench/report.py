@@ -42,6 +42,14 @@ def device_name(device: str) -> str:
     return "CPU"
 
 
+def invocation() -> list[str]:
+    """How this process was started: `-m bench.NAME ARGS` for a module run (the way the README runs them)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name, *sys.argv[1:]]
+    return sys.argv
+
+
 def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -53,7 +61,7 @@ def append(path: str, title: str, device: str, tables: list[str]) -> None:
     if not path:
         return
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    command = shlex.join(["python", *sys.argv])
+    command = shlex.join(["python", *invocation()])
     heading = f"\n## {now} · {device_name(device)} · torch {torch.__version__} · commit {commit()}\n"
     body = "\n\n".join([f"{title}, `{command}`:", *tables])
     with open(path, "a", encoding="utf-8") as f:

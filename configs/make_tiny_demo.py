@@ -1,4 +1,4 @@
-"""Regenerate the tiny random-weight demo model in configs/tiny/ (run: python configs/make_tiny_demo.py).
+"""Regenerate the tiny random-weight demo model in configs/tiny/ (run: python -m configs.make_tiny_demo).
 
 Everything is real except the size and the weights: a Flux-architecture flow model and an autoencoder as
 BFL-layout safetensors, and T5 / CLIP text encoders saved by `transformers` with tokenizers trained here,
@@ -7,18 +7,14 @@ on a small made-up corpus, with `sentencepiece` (T5) and `tokenizers` BPE (CLIP)
 
 import json
 import random
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from modules.autoencoder import AutoEncoder, AutoEncoderParams  # noqa: E402
-from modules.flux_model import Flux, FluxParams  # noqa: E402
+from modules.autoencoder import AutoEncoder, AutoEncoderParams
+from modules.flux_model import Flux, FluxParams
 
 OUT = Path(__file__).resolve().parent / "tiny"
 TEXT_DIM = 32  # T5 d_model and CLIP hidden size of the tiny encoders
@@ -206,6 +202,7 @@ def tiny_config(out: Path = OUT) -> dict:
         "text_enc_quantization_dtype": None,
         "clip_quantization_dtype": None,
         "flow_quantization_dtype": "qfloat8",
+        "f8_calibration_size": 128,  # static fp8 scales calibrated at the tiny model's own scale
     }
 
 

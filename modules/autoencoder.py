@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from modules.group_norm import group_norm
+from kernels.group_norm import group_norm
+from kernels.options import KernelOptions
 
 
 @dataclass
@@ -23,8 +24,17 @@ class AutoEncoderParams:
     shift_factor: float
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+class GroupNorm(nn.GroupNorm):
+    """`nn.GroupNorm` (same keys) that can apply the swish after it, both in one kernel (`kernels.group_norm`)."""
+
+    use_kernel = True  # `AutoEncoder.set_kernel_options`
+
+    def forward(self, x: Tensor, swish: bool = False) -> Tensor:
+        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps, swish, self.use_kernel)
+
+
+def _norm(channels: int) -> GroupNorm:
+    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class AttnBlock(nn.Module):
@@ -39,7 +49,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h_ = group_norm(self.norm, x)
+        h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
         q, k, v = (rearrange(t, "b c h w -> b 1 (h w) c").contiguous() for t in (q, k, v))
@@ -61,8 +71,8 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(group_norm(self.norm1, x, swish=True))
-        h = self.conv2(group_norm(self.norm2, h, swish=True))
+        h = self.conv1(self.norm1(x, swish=True))
+        h = self.conv2(self.norm2(h, swish=True))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
@@ -129,7 +139,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = self.down[i_level].downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(group_norm(self.norm_out, h, swish=True))  # (B, 2*z, H/f, W/f): mean, log-variance
+        return self.conv_out(self.norm_out(h, swish=True))  # (B, 2*z, H/f, W/f): mean, log-variance
 
 
 class Decoder(nn.Module):
@@ -164,17 +174,25 @@ class Decoder(nn.Module):
                 h = self.up[i_level].block[i_block](h)
             if i_level != 0:
                 h = self.up[i_level].upsample(h)
-        return self.conv_out(group_norm(self.norm_out, h, swish=True))
+        return self.conv_out(self.norm_out(h, swish=True))
 
 
 class AutoEncoder(nn.Module):
-    def __init__(self, params: AutoEncoderParams):
+    def __init__(self, params: AutoEncoderParams, options: KernelOptions = KernelOptions()):
         super().__init__()
         self.params = params
         self.encoder = Encoder(params.ch, params.ch_mult, params.num_res_blocks, params.in_channels, params.z_channels)
         self.decoder = Decoder(params.ch, params.out_ch, params.ch_mult, params.num_res_blocks, params.z_channels)
         self.scale_factor = params.scale_factor
         self.shift_factor = params.shift_factor
+        self.set_kernel_options(options)
+
+    def set_kernel_options(self, options: KernelOptions) -> None:
+        """Its GroupNorms run the kernel or the torch ops (`options.group_norm`)."""
+        self.options = options
+        for module in self.modules():
+            if isinstance(module, GroupNorm):
+                module.use_kernel = options.group_norm
 
     @property
     def dtype(self) -> torch.dtype:

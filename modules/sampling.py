@@ -7,11 +7,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-StepCallback = Callable[[int, int], None]
-
-
-class Cancelled(Exception):
-    """Raised between denoising steps when the caller's cancel event is set."""
+StepCallback = Callable[[int, int], None]  # (step, total steps); may raise to stop the loop
 
 
 def get_noise(num_samples: int, height: int, width: int, seed: int) -> Tensor:
@@ -77,12 +73,13 @@ def denoise(
     timesteps: list[float],
     guidance: float = 4.0,
     callback: StepCallback | None = None,
-    cancel: "object | None" = None,
+    before_step: StepCallback | None = None,
 ) -> Tensor:
     """Euler integration of the flow from timesteps[0] to timesteps[-1].
 
     `img` stays float32 between steps (the model sees it in its own dtype) so rounding does not accumulate.
-    `cancel` is anything with `is_set()` (a threading.Event); it is checked before every step.
+    `callback(step, total)` runs after every step, `before_step(step, total)` before it (the step about to run,
+    counted from 1): either may raise to stop the loop between steps.
     A model with `modulation_table` (the flow model, or its CUDA-graph wrapper) gets every step's modulations
     computed up front, once per image.
     """
@@ -94,8 +91,8 @@ def denoise(
         t_all = torch.tensor(timesteps[:-1], dtype=torch.float32, device=img.device)[:, None].expand(-1, batch)
         table = model.modulation_table(t_all, vec, guidance_vec)
     for step, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:], strict=True)):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"cancelled before step {step + 1} of {total}")
+        if before_step is not None:
+            before_step(step + 1, total)
         t_vec = torch.full((batch,), t_curr, dtype=torch.float32, device=img.device)
         pred = model(
             img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec,

@@ -1,14 +1,11 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-TINY_CONFIG = ROOT / "configs" / "config-tiny-cpu.json"
+from flux_pipeline import FluxPipeline
+from tests.helpers import TINY_CONFIG
 
 
 def pytest_configure(config):
@@ -40,14 +37,12 @@ def flow_params(tiny_cfg) -> dict:
 
 @pytest.fixture(scope="session")
 def bf16_pipeline(tiny_cfg):
-    from flux_pipeline import FluxPipeline
 
     return FluxPipeline.load_pipeline_from_config(dict(tiny_cfg, flow_quantization_dtype="bfloat16"))
 
 
 @pytest.fixture(scope="session")
 def fp8_pipeline(tiny_cfg):
-    from flux_pipeline import FluxPipeline
 
     return FluxPipeline.load_pipeline_from_config(dict(tiny_cfg))
 

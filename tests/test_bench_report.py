@@ -1,5 +1,6 @@
 """The benchmarks append their tables to RESULTS.md with date, device, torch, commit and command."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,9 +9,9 @@ import sys
 import torch
 
 from bench import report
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
-FLOW = [sys.executable, "bench/bench_flow.py", "--tiny", "--device", "cpu", "--sizes", "64x64", "--reps", "2",
+FLOW = [sys.executable, "-m", "bench.bench_flow", "--tiny", "--device", "cpu", "--sizes", "64x64", "--reps", "2",
         "--modes", "fp8 ch/tok", "--eager", "bf16,fp8 ch/tok", "--compile", ""]  # fmt: skip
 
 
@@ -29,7 +30,7 @@ def test_bench_flow_appends_its_tables_with_what_they_ran_on(tmp_path):
     assert len(headings) == 2
     for _, device, version, commit in headings:
         assert (device, version, commit) == ("CPU", torch.__version__, report.commit())
-    assert "`python bench/bench_flow.py --tiny --device cpu --sizes 64x64 --reps 2 " in text
+    assert "`python -m bench.bench_flow --tiny --device cpu --sizes 64x64 --reps 2 " in text
     assert "--reps 2 --modes 'fp8 ch/tok'" in text and "--reps 3`" in text  # the exact commands, quoted
     for section in text.split("\n## ")[1:]:
         accuracy = re.findall(r"^\| (bf16|fp8 ch/tok) \| (\d+\.\d\d)% / (\d+\.\d\d)% \| (\d+\.\d\d)% / ", section, re.M)
@@ -100,7 +101,6 @@ def test_serving_tables_put_each_run_in_its_row():
 
 
 def test_bench_flow_measures_the_fp8_attention_beside_the_default(tmp_path):
-    import json
 
     out = tmp_path / "flow.json"
     fast = "fp8 ch/tok + fp8 attention"

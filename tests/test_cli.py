@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from float8_quantize import F8Linear
-from main import build_pipeline, config_overrides, parse_args
-from tests.conftest import ROOT, TINY_CONFIG
+from flux_pipeline import WARM_UP_SIZES, FluxPipeline
+from main import build_pipeline, config_overrides, parse_args, use_cache_dir
+from tests.helpers import ROOT, TINY_CONFIG
 
 
 def test_flags_map_to_config_keys():
@@ -56,7 +57,6 @@ def test_flags_map_to_config_keys():
 
 
 def test_one_image_mode_warms_up_at_its_own_size_only(monkeypatch):
-    from flux_pipeline import WARM_UP_SIZES, FluxPipeline
 
     warmed = []  # the sizes each load compiles and warms up at (the warm-up itself is a GPU test)
     monkeypatch.setattr(FluxPipeline, "compile", lambda self, sizes=WARM_UP_SIZES: warmed.append(sizes))
@@ -105,7 +105,6 @@ def test_one_image_mode_with_a_cache_dir(tmp_path):
 
 
 def test_cache_dir_that_cannot_be_made_is_a_clear_error(tmp_path, monkeypatch):
-    from main import use_cache_dir
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from flux_pipeline import FluxPipeline
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.helpers import ROOT, TINY_CONFIG
 from util import ModelSpec, load_config, spec_from_dict
 
 

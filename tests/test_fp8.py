@@ -1,32 +1,19 @@
-import itertools
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from loguru import logger
 from safetensors import safe_open
 from torch import nn
 
 import float8_quantize as f8
 from float8_quantize import E4M3, F8Linear, F8Settings, quantize_weight
 from modules.flux_model import Flux, FluxParams
-from tests.test_model import random_inputs
-from util import ModelSpec, load_flow_model
-
-MODES = list(itertools.product(f8.WEIGHT_SCALINGS, f8.ACTIVATION_SCALINGS))
-# e4m3 keeps 3 mantissa bits: rounding one operand costs ~2.6% RMS, both ~3.7%. Per-token scales keep the
-# rows that do not hold the outlier channels away from the subnormal range; measured: 2.9% per token, 3.8%
-# per tensor (bf16: 0.28%) on this data.
-BOUNDS = {"dynamic_per_token": 0.033, "dynamic_per_tensor": 0.042, "static_per_tensor": 0.042}
-
-
-def f8_from(linear: nn.Linear, weight_scaling: str, activation_scaling: str) -> F8Linear:
-    layer = F8Linear(
-        linear.in_features, linear.out_features, True, weight_scaling, activation_scaling, False, torch.float32
-    )
-    q, s = quantize_weight(linear.weight.detach(), weight_scaling == "per_channel")
-    layer.weight.data, layer.bias.data = q, linear.bias.detach().clone()
-    layer.weight_scale.copy_(s)
-    return layer
+from tests.helpers import BOUNDS, MODES, ROOT, f8_from, random_inputs
+from util import ModelSpec, load_flow_model, write_prequantized
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +139,7 @@ def test_static_calibration_is_deterministic(tiny_cfg):
 def test_prequantized_round_trip_is_bit_identical(tiny_cfg, flow_params, tmp_path, weight_scaling, activation_scaling):
     cfg = dict(tiny_cfg, f8_weight_scaling=weight_scaling, f8_activation_scaling=activation_scaling)
     path = tmp_path / "flux-fp8.safetensors"
-    f8.main(["--config-path", str(write_config(tmp_path, cfg)), "--output", str(path)])
+    write_prequantized(str(write_config(tmp_path, cfg)), str(path))
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert f.get_tensor("double_blocks.0.img_attn.qkv.weight").dtype == E4M3
@@ -165,9 +152,22 @@ def test_prequantized_round_trip_is_bit_identical(tiny_cfg, flow_params, tmp_pat
         assert torch.equal(fresh(**inputs), pre(**inputs))
 
 
-def write_config(tmp_path, cfg):
-    import json
+def test_the_script_writes_a_prequantized_checkpoint(tiny_cfg, tmp_path):
+    path = tmp_path / "flux-fp8.safetensors"
+    config = str(write_config(tmp_path, tiny_cfg))
+    cmd = [sys.executable, "float8_quantize.py", "--config-path", config, "-o", str(path)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == f8.METADATA_FORMAT
+    bad = subprocess.run(
+        [sys.executable, "float8_quantize.py", "-c", str(tmp_path / "missing.json"), "-o", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == [f"error: config file not found: {tmp_path}/missing.json"]
 
+
+def write_config(tmp_path, cfg):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -175,7 +175,7 @@ def write_config(tmp_path, cfg):
 
 def test_prequantized_mismatch_errors(tiny_cfg, tmp_path):
     path = tmp_path / "flux-fp8.safetensors"
-    f8.main(["--config-path", str(write_config(tmp_path, tiny_cfg)), "--output", str(path)])
+    write_prequantized(str(write_config(tmp_path, tiny_cfg)), str(path))
     pre = dict(tiny_cfg, ckpt_path=str(path), prequantized_flow=True)
     with pytest.raises(ValueError, match="f8_weight_scaling.*per_channel.*per_tensor"):
         load_flow_model(ModelSpec(**dict(pre, f8_weight_scaling="per_tensor")))
@@ -193,7 +193,6 @@ def test_settings_reject_unknown_modes():
 
 
 def test_fallback_without_fp8_tensor_cores(tiny_cfg, flow_params, monkeypatch):
-    from loguru import logger
 
     inputs = random_inputs(flow_params)
     with torch.no_grad():

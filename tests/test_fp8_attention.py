@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
+from loguru import logger
 
-from float8_quantize import E4M3
-from modules import fp8_attention, qk_kernels, sampling
-from modules.flux_model import EmbedND
-from tests.test_fp8 import f8_from
-from tests.test_model import random_inputs
+from kernels import fp8_attention, qk_norm_rope
+from kernels.common import E4M3
+from kernels.options import KernelOptions
+from modules import sampling
+from modules.layers import EmbedND, quantized_linear
+from tests.helpers import f8_from, random_inputs
 from util import ModelSpec, load_flow_model
 
 
@@ -27,7 +29,7 @@ def streams(n_txt=5, h=32, w=48, heads=2, dim=64, seed=0):
 
 def test_qk_bound_holds_and_is_reached():
     group, pe, heads = streams()
-    q, k, _ = qk_kernels.rms_norm_rope_reference(group, pe, heads)
+    q, k, _ = qk_norm_rope.rms_norm_rope_reference(group, pe, heads)
     bound_q = fp8_attention.qk_bound([s[1] for s in group])
     bound_k = fp8_attention.qk_bound([s[2] for s in group])
     assert bound_k == pytest.approx(5.0 * math.sqrt(64))  # the strong channel's gain sets it
@@ -36,14 +38,14 @@ def test_qk_bound_holds_and_is_reached():
     qkv = torch.zeros(1, 1, 3 * heads * 64)
     qkv[0, 0, heads * 64 + 7] = 3.0
     at_zero = EmbedND(64, 10000, [8, 28, 28])(sampling.txt_ids(1, 1))  # text positions are all 0
-    _, k1, _ = qk_kernels.rms_norm_rope_reference([(qkv, group[1][1], group[1][2])], at_zero, heads)
+    _, k1, _ = qk_norm_rope.rms_norm_rope_reference([(qkv, group[1][1], group[1][2])], at_zero, heads)
     assert k1.abs().max() == pytest.approx(bound_k.item(), rel=1e-5)  # less only by the norm's epsilon
 
 
 def test_emulation_is_close_to_exact_attention_and_in_range():
     group, pe, heads = streams()
     o8, scale = fp8_attention.attention_reference(group, pe, heads)
-    q, k, v = qk_kernels.rms_norm_rope_reference(group, pe, heads)
+    q, k, v = qk_norm_rope.rms_norm_rope_reference(group, pe, heads)
     exact = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
     assert o8.dtype == E4M3 and o8.shape == exact.shape
     assert scale == v.abs().max() / 448  # |o| <= max|v|: o keeps v's scale
@@ -68,7 +70,7 @@ def test_probabilities_and_output_are_quantized():
     assert 0.005 < err < 0.05  # e4m3 probabilities and output
 
 
-def test_model_blocks_switch_to_fp8_attention(tiny_cfg, flow_params):
+def test_model_blocks_switch_to_fp8_attention(tiny_cfg, flow_params, monkeypatch):
     inputs = random_inputs(flow_params)
     model = load_flow_model(ModelSpec(**dict(tiny_cfg, flow_dtype="float32")))
     calls = []
@@ -78,15 +80,13 @@ def test_model_blocks_switch_to_fp8_attention(tiny_cfg, flow_params):
         calls.append(1)
         return original(*args)
 
+    monkeypatch.setattr(fp8_attention, "attention_reference", counting)  # a spy: counts the blocks that call it
     with torch.no_grad():
         default = model(**inputs)
-        model.use_fp8_attention(True)
-        fp8_attention.attention_reference = counting
-        try:
-            fast = model(**inputs)
-        finally:
-            fp8_attention.attention_reference = original
-        model.use_fp8_attention(False)
+        assert not calls
+        model.set_kernel_options(KernelOptions(fp8_attention=True))
+        fast = model(**inputs)
+        model.set_kernel_options(KernelOptions())
         again = model(**inputs)
     assert len(calls) == flow_params["depth"] + flow_params["depth_single_blocks"]
     assert torch.equal(again, default) and not torch.equal(fast, default)
@@ -94,7 +94,6 @@ def test_model_blocks_switch_to_fp8_attention(tiny_cfg, flow_params):
 
 
 def test_config_key_turns_it_on_with_a_warning_off_cuda(tiny_cfg, flow_params):
-    from loguru import logger
 
     assert ModelSpec(**tiny_cfg).fp8_attention is False
     messages = []
@@ -103,7 +102,7 @@ def test_config_key_turns_it_on_with_a_warning_off_cuda(tiny_cfg, flow_params):
         model = load_flow_model(ModelSpec(**dict(tiny_cfg, fp8_attention=True)))
     finally:
         logger.remove(handler)
-    assert all(b.fp8_attention for b in [*model.double_blocks, *model.single_blocks])
+    assert all(b.options.fp8_attention for b in [*model.double_blocks, *model.single_blocks])
     assert any("torch ops emulate" in m for m in messages) and any("fp8 attention on" in m for m in messages)
     assert "CUDA" in fp8_attention.unsupported(torch.device("cpu"), 128)
 
@@ -118,7 +117,7 @@ def test_linear_takes_the_e4m3_attention_output_as_it_is(use_fp8):
     x = xq.float() * scale
     w = layer.weight.float() * layer.weight_scale.reshape(-1, 1)
     exact = (x.double() @ w.double().t() + layer.bias.double()).float()
-    out = layer.forward_quantized(xq, scale)
+    out = quantized_linear(layer, xq, scale, torch.float32)  # the model's entry: e4m3 as it is where it can
     assert out.shape == (3, 40, 64)
     # the input is taken as it is: only the matmul's accumulation differs from the exact product of the operands
     assert ((out - exact).norm() / exact.norm()).item() < 1e-5

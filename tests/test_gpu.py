@@ -6,12 +6,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch._dynamo.utils import counters
 
 import float8_quantize as f8
 from configs.make_tiny_demo import flow_state_dict
-from tests.conftest import ROOT
-from tests.test_fp8 import BOUNDS, MODES, f8_from
-from util import ModelSpec, load_flow_model
+from encoder_quantize import weight_bytes
+from flux_pipeline import FluxPipeline
+from kernels import fp8_linear, qk_norm_rope
+from modules import sampling
+from modules.layers import EmbedND
+from tests.helpers import BOUNDS, MODES, ROOT, check_graph_replay_follows_loras, f8_from
+from util import ModelSpec, load_flow_model, load_text_encoders
 
 pytestmark = pytest.mark.gpu
 
@@ -68,7 +73,6 @@ def test_load_to_fp8_on_cuda_peak_memory(tmp_path, tiny_cfg):
 
 
 def test_tiny_pipeline_on_cuda_is_deterministic(cuda_cfg):
-    from flux_pipeline import FluxPipeline
 
     pipe = FluxPipeline.load_pipeline_from_config(cuda_cfg)
     hashes = {
@@ -79,7 +83,6 @@ def test_tiny_pipeline_on_cuda_is_deterministic(cuda_cfg):
 
 
 def test_offload_round_trip_on_cuda(cuda_cfg):
-    from flux_pipeline import FluxPipeline
 
     cfg = dict(
         cuda_cfg,
@@ -101,9 +104,6 @@ def test_offload_round_trip_on_cuda(cuda_cfg):
 
 
 def test_compile_at_load_then_no_recompile_across_sizes(cuda_cfg):
-    from torch._dynamo.utils import counters
-
-    from flux_pipeline import FluxPipeline
 
     cfg = dict(
         cuda_cfg,
@@ -120,9 +120,6 @@ def test_compile_at_load_then_no_recompile_across_sizes(cuda_cfg):
 def test_one_image_warm_up_at_its_own_size_then_no_recompile(cuda_cfg):
     """main.py's one-image mode warms up at the image's size only (one step, then two); the image then runs
     from the compiled graphs, 28 steps included (the modulation table's many-row graph)."""
-    from torch._dynamo.utils import counters
-
-    from flux_pipeline import FluxPipeline
 
     cfg = dict(cuda_cfg, compile_blocks=True, compile_extras=True)
     pipe = FluxPipeline.load_pipeline_from_config(cfg, ((720, 1024), (720, 1024)))
@@ -135,8 +132,6 @@ def test_one_image_warm_up_at_its_own_size_then_no_recompile(cuda_cfg):
 def test_bitsandbytes_text_encoder(cuda_cfg, quant):
     import bitsandbytes  # noqa: F401 - carried to the GPU machine with device-wheels.sh --with-bnb
 
-    from flux_pipeline import FluxPipeline
-
     cfg = dict(cuda_cfg, text_enc_quantization_dtype=quant)
     pipe = FluxPipeline.load_pipeline_from_config(cfg)
     assert pipe.generate("a fox", 128, 128, 2, seed=1, silent=True).getvalue()
@@ -144,8 +139,6 @@ def test_bitsandbytes_text_encoder(cuda_cfg, quant):
 
 def test_quanto_text_encoder_is_quantized_on_the_gpu(tiny_cfg):
     """A CUDA text encoder is read onto the GPU and quantized there; it embeds as one quantized on the CPU."""
-    from encoder_quantize import weight_bytes
-    from util import ModelSpec, load_text_encoders
 
     cfg = dict(tiny_cfg, text_enc_quantization_dtype="qfloat8")
     _, t5_gpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cuda:0")))
@@ -165,17 +158,14 @@ def test_quanto_text_encoder_is_quantized_on_the_gpu(tiny_cfg):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_a", [True, False])
 @pytest.mark.parametrize("fast_tanh", [False, True])
-def test_one_pass_gelu_concat_quantize_matches_torch_ops(dtype, with_a, fast_tanh, monkeypatch):
-    import fp8_kernels
-
-    monkeypatch.setattr(fp8_kernels, "FAST_TANH", fast_tanh)
+def test_one_pass_gelu_concat_quantize_matches_torch_ops(dtype, with_a, fast_tanh):
     torch.manual_seed(0)
     fused = torch.randn(3, 129, 96 + 400, device="cuda", dtype=dtype) * 3  # a split view, like linear1's output
     fused[..., 7] *= 50  # an outlier channel
     a = torch.randn(3, 129, 64, device="cuda", dtype=dtype) if with_a else None
     b = fused[..., 96:]
-    q, scale = fp8_kernels.gelu_concat_quantize(a, b)
-    q_ref, scale_ref = fp8_kernels.gelu_concat_quantize_reference(a, b)
+    q, scale = fp8_linear.gelu_concat_quantize(a, b, None, fast_tanh)
+    q_ref, scale_ref = fp8_linear.gelu_concat_quantize_reference(a, b)
     assert q.shape == q_ref.shape == (3 * 129, 400 + (64 if with_a else 0)) and scale.shape == (3 * 129, 1)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-2 if fast_tanh else 2e-6, atol=0)
     diff = (q.float() - q_ref.float()).abs()
@@ -192,8 +182,8 @@ def test_one_pass_gelu_concat_quantize_matches_torch_ops(dtype, with_a, fast_tan
     value = (torch.cat((a, gelu), -1) if with_a else gelu).reshape(q.shape).double() / scale_ref.double()
     err, err_ref = ((t.double() - value).norm() for t in (q, q_ref))
     assert err <= err_ref * (1.02 if fast_tanh else 1.001), (err, err_ref)
-    compiled = torch.compile(fp8_kernels.gelu_concat_quantize, fullgraph=True)
-    q_c, scale_c = compiled(a, b)
+    compiled = torch.compile(fp8_linear.gelu_concat_quantize, fullgraph=True)
+    q_c, scale_c = compiled(a, b, None, fast_tanh)
     assert torch.equal(q_c.view(torch.uint8), q.view(torch.uint8)) and torch.equal(scale_c, scale)
 
 
@@ -203,7 +193,7 @@ def test_forward_gelu_concat_matches_unfused_f8linear():
     layer.bias.data = layer.bias.data.bfloat16()
     a = torch.randn(2, 50, 64, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(2, 50, 256, device="cuda", dtype=torch.bfloat16)
-    out = layer.forward_gelu_concat(a, b)
+    out = layer.forward_gelu_concat(a, b, None, fast_tanh=True)
     ref = layer(torch.cat((a, torch.nn.functional.gelu(b, approximate="tanh")), dim=-1))
     assert out.shape == ref.shape == (2, 50, 128)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
@@ -214,14 +204,13 @@ def test_layernorm_modulate_quantize_kernel(dtype):
     """Against the exact values (float64): each row's scale is its absolute maximum / 448, each element is within
     one e4m3 rounding of its value (plus the roundings to the activation dtype on the way, as in the torch ops),
     and the whole is as accurate as the torch ops."""
-    import fp8_kernels
 
     torch.manual_seed(0)
     x = torch.randn(2, 300, 96, device="cuda", dtype=dtype) * 4 + 1
     x[1, 5, 17] = 200  # an outlier
     mod = torch.randn(2, 1, 6 * 96, device="cuda", dtype=dtype)  # chunks of it, as Modulation hands them over
     scale, shift = mod[..., 96:192], mod[..., 288:384]
-    q, s = fp8_kernels.layernorm_modulate_quantize(x, scale, shift)
+    q, s = fp8_linear.layernorm_modulate_quantize(x, scale, shift)
     assert q.shape == (600, 96) and q.dtype == torch.float8_e4m3fn and s.shape == (600, 1)
     normed = torch.nn.functional.layer_norm(x.double(), (96,), eps=1e-6)
     exact = ((1 + scale.double()) * normed + shift.double()).reshape(600, 96)
@@ -231,10 +220,10 @@ def test_layernorm_modulate_quantize_kernel(dtype):
     rounding = (2 * ulp * ((1 + scale.double()).abs() * normed.abs() + shift.double().abs())).reshape(600, 96)
     got = q.double() * s.double()
     assert ((got - exact).abs() <= (exact.abs() + rounding) * 2**-4 + rounding + s.double() * 2**-9).all()
-    q_ref, s_ref = fp8_kernels.layernorm_modulate_quantize_reference(x, scale, shift)
+    q_ref, s_ref = fp8_linear.layernorm_modulate_quantize_reference(x, scale, shift)
     err, err_ref = ((t - exact).norm() / exact.norm() for t in (got, q_ref.double() * s_ref.double()))
     assert err <= err_ref * 1.05, (err, err_ref)  # as accurate as the torch ops
-    compiled = torch.compile(fp8_kernels.layernorm_modulate_quantize, fullgraph=True)
+    compiled = torch.compile(fp8_linear.layernorm_modulate_quantize, fullgraph=True)
     q_c, s_c = compiled(x, scale, shift)
     assert torch.equal(q_c.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s_c, s)
 
@@ -257,8 +246,6 @@ def test_forward_modulated_is_as_accurate_as_unfused_f8linear():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rms_norm_rope_kernel_matches_torch_ops(dtype):
-    from modules import qk_kernels, sampling
-    from modules.flux_model import EmbedND
 
     torch.manual_seed(0)
     heads, dim = 3, 32
@@ -270,8 +257,8 @@ def test_rms_norm_rope_kernel_matches_torch_ops(dtype):
     gains = [torch.rand(dim, device="cuda", dtype=dtype) + 0.5 for _ in range(4)]
     double = [(txt, *gains[:2]), (img, *gains[2:])]
     for streams, rows in ((double, pe), (double[1:], pe[:, :, n_txt:])):  # double block, then single block
-        out = qk_kernels.rms_norm_rope(streams, rows, heads)
-        ref = qk_kernels.rms_norm_rope_reference(streams, rows, heads)
+        out = qk_norm_rope.rms_norm_rope(streams, rows, heads)
+        ref = qk_norm_rope.rms_norm_rope_reference(streams, rows, heads)
         for o, r in zip(out, ref, strict=True):
             assert o.shape == r.shape == (2, heads, rows.shape[2], dim)
             # last-bit float32 differences (rsqrt, fused multiply-add) round to the neighbouring value at most
@@ -281,46 +268,9 @@ def test_rms_norm_rope_kernel_matches_torch_ops(dtype):
                 assert (o != r).float().mean() < 1e-2
         assert torch.equal(out[2], ref[2])  # v is copied, not changed
         assert out[0].transpose(1, 2).is_contiguous()  # (B, L, H, D) memory: the attention output's heads join freely
-        compiled = torch.compile(qk_kernels.rms_norm_rope, fullgraph=True)
+        compiled = torch.compile(qk_norm_rope.rms_norm_rope, fullgraph=True)
         assert all(torch.equal(c, o) for c, o in zip(compiled(streams, rows, heads), out, strict=True))
-
-
-def _random_bfl_lora(model, rank: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, m in model.named_modules():
-        if isinstance(m, f8.F8Linear):
-            sd[f"{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=gen) * 0.1
-            sd[f"{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=gen) * 0.1
-    return sd
 
 
 def test_cuda_graph_replay_matches_eager_and_follows_loras(cuda_cfg):
     check_graph_replay_follows_loras(cuda_cfg)
-
-
-def check_graph_replay_follows_loras(cfg: dict) -> None:
-    """A graphed pipeline draws what an eager one draws, before, with and after a LoRA, without recapturing."""
-    import numpy as np
-
-    from cuda_graphs import GraphedFlow
-    from flux_pipeline import FluxPipeline
-
-    graphed = FluxPipeline.load_pipeline_from_config(cfg)
-    eager = FluxPipeline.load_pipeline_from_config(dict(cfg, cuda_graphs=False))
-    assert isinstance(graphed.step_model, GraphedFlow) and eager.step_model is eager.model
-
-    def pixels(pipe, seed=3):
-        return np.asarray(pipe.generate_images("a fox", 256, 256, 4, seed=seed)[0][0]).astype(int)
-
-    assert np.array_equal(pixels(graphed), pixels(eager))
-    assert len(graphed.step_model.graphs) == 1  # captured once, replayed for every step since
-    lora = _random_bfl_lora(graphed.model)
-    for pipe in (graphed, eager):
-        pipe.load_lora(lora, scale=1.0, name="r")
-    with_lora = pixels(graphed)
-    assert np.array_equal(with_lora, pixels(eager))  # the graph reads the fused weights, no recapture
-    assert len(graphed.step_model.graphs) == 1
-    graphed.unload_lora("r")
-    assert not np.array_equal(with_lora, pixels(graphed))
-    assert np.array_equal(pixels(graphed, seed=4), pixels(FluxPipeline.load_pipeline_from_config(cfg), seed=4))

@@ -8,9 +8,13 @@ import torch
 from safetensors.torch import save_file
 
 from configs.make_tiny_demo import flow_state_dict
-from modules import fp8_attention, qk_kernels, sampling
-from modules.flux_model import EmbedND
-from tests.conftest import ROOT
+from cuda_graphs import GraphedFlow
+from flux_pipeline import FluxPipeline
+from kernels import fp8_attention, fp8_linear, qk_norm_rope
+from modules import sampling
+from modules.layers import EmbedND
+from tests.helpers import ROOT, check_graph_replay_follows_loras
+from util import ModelSpec, load_flow_model
 
 pytestmark = pytest.mark.gpu
 HEADS, DIM = 3, 128
@@ -47,8 +51,8 @@ def test_qk_kernel_writes_e4m3_q_k_and_the_scales(dtype):
     for group, rows in ((streams, pe), (streams[1:], pe[:, :, n_txt:])):  # double block, then single block
         a, qa, ka = group[0]
         b, qb, kb = group[1] if len(group) == 2 else (None, None, None)
-        q8, k8, v, scales = torch.ops.flux_ops.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, rows, HEADS)
-        q, k, v_ref = qk_kernels.rms_norm_rope_reference(group, rows, HEADS)
+        q8, k8, v, scales = torch.ops.flux.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, rows, HEADS)
+        q, k, v_ref = qk_norm_rope.rms_norm_rope_reference(group, rows, HEADS)
         bound_q = fp8_attention.qk_bound([s[1] for s in group])
         bound_k = fp8_attention.qk_bound([s[2] for s in group])
         torch.testing.assert_close(scales[0, 0], bound_q / 448, rtol=1e-6, atol=0)
@@ -66,8 +70,8 @@ def test_qk_kernel_writes_e4m3_q_k_and_the_scales(dtype):
 def test_v_quantization_completes_the_scales():
     streams, pe, _ = streams_and_pe()
     (a, qa, ka), (b, qb, kb) = streams
-    q8, k8, v, scales = torch.ops.flux_ops.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, pe, HEADS)
-    v8, full = torch.ops.flux_ops.fp8_quantize_v(v.flatten(2), scales)
+    q8, k8, v, scales = torch.ops.flux.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, pe, HEADS)
+    v8, full = torch.ops.flux.fp8_quantize_v(v.flatten(2), scales)
     sv = v.abs().amax().float() / 448
     expected = torch.stack([scales[0, 0], scales[1, 0], sv, sv.new_tensor(1 / 448), sv.new_tensor(448.0), 1 / sv])
     torch.testing.assert_close(full[:, 0], expected, rtol=1e-6, atol=0)
@@ -86,7 +90,7 @@ def test_cudnn_matches_the_emulation_and_the_exact_attention():
     q, k, v = normed(), normed(), torch.randn(b, seq, h, d, device="cuda").bfloat16().transpose(1, 2)
     bound = torch.tensor(2 * d**0.5, device="cuda")
     packed = fp8_attention.quantize(q, k, v, bound, bound)
-    out = torch.ops.flux_ops.cudnn_fp8_sdpa(*packed)
+    out = torch.ops.flux.cudnn_fp8_sdpa(*packed)
     emulated = fp8_attention.emulate(*packed)
     assert out.dtype == torch.float8_e4m3fn and out.shape == (b, seq, h, d)
     sv = packed[3][2, 0]
@@ -97,7 +101,7 @@ def test_cudnn_matches_the_emulation_and_the_exact_attention():
 
     assert rel(out, emulated.float() * sv) < 0.02  # the emulation is cuDNN's math (probe: equal errors to 0.01%)
     assert 0.03 < rel(out, exact) < 0.15  # sharp rows (logits' std ~4): the emulation's error is 9.5% on the CPU
-    compiled = torch.compile(lambda *t: torch.ops.flux_ops.cudnn_fp8_sdpa(*t), fullgraph=True)
+    compiled = torch.compile(lambda *t: torch.ops.flux.cudnn_fp8_sdpa(*t), fullgraph=True)
     assert torch.equal(compiled(*packed).view(torch.uint8), out.view(torch.uint8))  # deterministic, opaque op
 
 
@@ -108,7 +112,7 @@ def test_fp8_attention_matches_its_reference_eager_and_compiled():
         r8, r_scale = fp8_attention.attention_reference(group, rows, HEADS)
         assert o8.shape == r8.shape == (2, rows.shape[2], HEADS * DIM) and o8.dtype == torch.float8_e4m3fn
         torch.testing.assert_close(scale, r_scale, rtol=1e-6, atol=0)
-        q, k, v = qk_kernels.rms_norm_rope_reference(group, rows, HEADS)
+        q, k, v = qk_norm_rope.rms_norm_rope_reference(group, rows, HEADS)
         exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
         exact = exact.transpose(1, 2).flatten(2)
         err, err_ref = (((x.float() * s - exact).norm() / exact.norm()).item() for x, s in ((o8, scale), (r8, r_scale)))
@@ -122,14 +126,13 @@ def test_fp8_attention_matches_its_reference_eager_and_compiled():
 
 
 def test_gelu_kernel_takes_the_e4m3_attention_output():
-    import fp8_kernels
 
     torch.manual_seed(0)
     a8 = (torch.randn(2, 129, 256, device="cuda") * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     a_scale = torch.tensor(0.01, device="cuda")
     b = torch.randn(2, 129, 512 + 64, device="cuda", dtype=torch.bfloat16)[..., 64:] * 2
-    q, scale = fp8_kernels.gelu_concat_quantize(a8, b, a_scale)
-    q_ref, scale_ref = fp8_kernels.gelu_concat_quantize_reference(a8, b, a_scale)
+    q, scale = fp8_linear.gelu_concat_quantize(a8, b, a_scale)
+    q_ref, scale_ref = fp8_linear.gelu_concat_quantize_reference(a8, b, a_scale)
     assert q.shape == q_ref.shape == (2 * 129, 256 + 512)
     torch.testing.assert_close(scale, scale_ref, rtol=1e-2, atol=0)  # the approximate tanh
     assert close_in_e4m3(q, q_ref).all() and (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean() < 0.02
@@ -149,9 +152,6 @@ def wide_cfg(tiny_cfg, tmp_path_factory) -> dict:
 def test_pipeline_with_fp8_attention_graphs_and_compiles(wide_cfg):
     import numpy as np
 
-    from cuda_graphs import GraphedFlow
-    from flux_pipeline import FluxPipeline
-
     def pixels(cfg: dict) -> np.ndarray:
         pipe = FluxPipeline.load_pipeline_from_config(cfg)
         return np.asarray(pipe.generate_images("a fox", 256, 256, 4, seed=3)[0][0]).astype(int), pipe
@@ -168,13 +168,11 @@ def test_pipeline_with_fp8_attention_graphs_and_compiles(wide_cfg):
 
 
 def test_graphs_follow_loras_with_fp8_attention(wide_cfg):
-    from tests.test_gpu import check_graph_replay_follows_loras
 
     check_graph_replay_follows_loras(dict(wide_cfg, fp8_attention=True))
 
 
 def test_config_rejects_fp8_attention_cudnn_cannot_run(wide_cfg):
-    from util import ModelSpec, load_flow_model
 
     odd = dict(wide_cfg["params"], hidden_size=2 * 136, axes_dim=[16, 60, 60])  # heads of 136: above 128
     with pytest.raises(ValueError, match="fp8_attention: needs a head size"):  # before the (mismatched) weights

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modules import group_norm as gn
+from kernels import group_norm as gn
+from kernels.options import KernelOptions
 from modules.autoencoder import AutoEncoder, AutoEncoderParams
 
 pytestmark = pytest.mark.gpu
@@ -15,6 +16,10 @@ def _norm(channels: int, dtype: torch.dtype) -> torch.nn.GroupNorm:
     norm.weight.copy_(torch.randn(channels) * 0.5 + 1)
     norm.bias.copy_(torch.randn(channels) * 0.3)
     return norm
+
+
+def apply(norm: torch.nn.GroupNorm, x: torch.Tensor, swish: bool, **kwargs) -> torch.Tensor:
+    return gn.group_norm(x, norm.weight, norm.bias, norm.num_groups, norm.eps, swish, **kwargs)
 
 
 def intended(x: torch.Tensor, norm: torch.nn.GroupNorm, swish: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +55,7 @@ def test_group_norm_kernel(dtype, swish, shape, offset):
     x = (torch.randn(shape, device="cuda") * 0.1 + offset).to(dtype)
     x[0, 3, 5, 7] = offset + 3  # an outlier
     norm = _norm(shape[1], dtype)
-    out = gn.group_norm(norm, x, swish=swish)
+    out = apply(norm, x, swish)
     assert out.shape == x.shape and out.dtype == dtype
     # the intended values, but where float32 statistics (summed in chunks) tip a rounding to the activation
     # dtype the other way: one step of it (which the swish can grow ~4x, where y ~ -5), or a few float32 ulps of
@@ -71,31 +76,30 @@ def test_group_norm_kernel(dtype, swish, shape, offset):
 
 
 @torch.no_grad()
-def test_group_norm_kernel_under_compile_and_fallbacks(monkeypatch):
+def test_group_norm_kernel_under_compile_and_fallbacks():
     torch.manual_seed(0)
     norm = _norm(64, torch.bfloat16)
     x = torch.randn(1, 64, 40, 40, device="cuda", dtype=torch.bfloat16)
-    eager = gn.group_norm(norm, x, swish=True)
-    compiled = torch.compile(lambda t: gn.group_norm(norm, t, swish=True), fullgraph=True)(x)
+    eager = apply(norm, x, True)
+    compiled = torch.compile(lambda t: apply(norm, t, True), fullgraph=True)(x)
     assert torch.equal(compiled, eager)
     # channels_last input (the kernel reads NCHW) takes the torch ops, with the torch ops' values
     cl = x.to(memory_format=torch.channels_last)
     expected = gn.group_norm_reference(cl, norm.weight, norm.bias, 32, 1e-6, True)
-    assert torch.equal(gn.group_norm(norm, cl, swish=True), expected)
+    assert torch.equal(apply(norm, cl, True), expected)
     # an input that needs a gradient takes the torch ops too: the kernel has no backward
     with torch.enable_grad():
         xg = x.clone().requires_grad_()
-        gn.group_norm(norm, xg, swish=True).float().sum().backward()
+        apply(norm, xg, True).float().sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
     # groups too large for the launch grid take the torch ops (here: more than one chunk per group)
-    monkeypatch.setattr(gn, "MAX_GRID", 1)
     big = torch.randn(1, 64, 50, 50, device="cuda", dtype=torch.bfloat16)
     expected = gn.group_norm_reference(big, norm.weight, norm.bias, 32, 1e-6, True)
-    assert torch.equal(gn.group_norm(norm, big, swish=True), expected)
+    assert torch.equal(apply(norm, big, True, max_grid=1), expected)
 
 
 @torch.no_grad()
-def test_autoencoder_decode_with_kernel_is_as_accurate_as_torch_ops(monkeypatch):
+def test_autoencoder_decode_with_kernel_is_as_accurate_as_torch_ops():
     params = AutoEncoderParams(
         resolution=64, in_channels=3, ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, z_channels=4,
         scale_factor=0.3611, shift_factor=0.1159,
@@ -106,7 +110,7 @@ def test_autoencoder_decode_with_kernel_is_as_accurate_as_torch_ops(monkeypatch)
     exact = ae.double().decode(z.double())
     ae.to(torch.bfloat16)
     out = ae.decode(z.bfloat16())
-    monkeypatch.setattr(gn, "ENABLED", False)
+    ae.set_kernel_options(KernelOptions(group_norm=False))
     ref = ae.decode(z.bfloat16())
     assert out.shape == ref.shape == exact.shape == (1, 3, 48, 40)
     err, err_ref = ((t.double() - exact).norm() / exact.norm() for t in (out, ref))

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_ruff_check_is_clean():

@@ -2,11 +2,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import float8_quantize as f8
 from configs.make_tiny_demo import flow_state_dict
 from flux_pipeline import FluxPipeline, LoraNotLoaded
 from lora_loading import convert_lora, read_lora
-from tests.diffusers_ref import diffusers_flux, diffusers_forward
-from tests.test_model import random_inputs
+from tests.helpers import diffusers_flux, diffusers_forward, random_inputs
 
 ALL_TARGETS = [
     "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.net.0.proj",
@@ -246,7 +246,6 @@ def test_fp8_unload_restores_bit_identical_outputs(tiny_cfg, flow_params, tmp_pa
 
 def test_prepared_backups_serve_every_later_load_exactly(tiny_cfg, flow_params):
     """prepare_loras() copies every linear once; loads after it take no copies and unloads stay exact."""
-    import float8_quantize as f8
 
     pipe = FluxPipeline.load_pipeline_from_config(tiny_cfg)
     linears = [n for n, m in pipe.model.named_modules() if isinstance(m, (torch.nn.Linear, f8.F8Linear))]

@@ -2,10 +2,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import float8_quantize as f8
 from configs.make_tiny_demo import flow_state_dict
 from modules import sampling
 from modules.flux_model import Flux, FluxParams, timestep_embedding
-from tests.diffusers_ref import diffusers_flux, diffusers_forward
+from tests.helpers import diffusers_flux, diffusers_forward, random_inputs
 from util import ModelSpec, load_flow_model
 
 
@@ -50,19 +51,6 @@ def bfl_shapes(p: dict) -> dict[str, tuple[int, ...]]:
 def test_state_dict_matches_bfl_layout(flow_params):
     model = Flux(FluxParams(**flow_params))
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == bfl_shapes(flow_params)
-
-
-def random_inputs(params: dict, height: int = 256, width: int = 384, txt_len: int = 24, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return dict(
-        img=sampling.pack(torch.randn(1, params["in_channels"] // 4, height // 8, width // 8, generator=g)),
-        img_ids=sampling.img_ids(1, height, width),
-        txt=torch.randn(1, txt_len, params["context_in_dim"], generator=g),
-        txt_ids=sampling.txt_ids(1, txt_len),
-        timesteps=torch.tensor([0.7]),
-        y=torch.randn(1, params["vec_in_dim"], generator=g),
-        guidance=torch.tensor([3.5]),
-    )
 
 
 @pytest.fixture
@@ -169,7 +157,6 @@ def test_precomputed_rotary_embedding_gives_the_same_output(flow_params, fp32_ch
 @pytest.mark.parametrize("quantized", [False, True])
 def test_modulation_table_gives_each_steps_output(flow_params, fp32_checkpoint, quantized):
     """Precomputed modulations (all steps at once) give each step the output it gets computing them itself."""
-    import float8_quantize as f8
 
     model = Flux(FluxParams(**flow_params))
     model.load_state_dict(fp32_checkpoint[1])

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from flux_pipeline import FluxPipeline
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
@@ -18,7 +20,6 @@ PLACEMENTS = [
 
 
 def _pixels(cfg: dict, flux: str, enc: str, ae: str, **kw) -> np.ndarray:
-    from flux_pipeline import FluxPipeline
 
     pipe = FluxPipeline.load_pipeline_from_config(dict(cfg, flux_device=flux, text_enc_device=enc, ae_device=ae, **kw))
     assert pipe.model.img_in.weight.device == torch.device(flux)

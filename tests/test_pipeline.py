@@ -3,9 +3,10 @@ import subprocess
 import sys
 
 import pytest
+from loguru import logger
 from PIL import Image
 
-from tests.conftest import ROOT, TINY_CONFIG
+from tests.helpers import ROOT, TINY_CONFIG
 
 SMALL = dict(width=128, height=96, num_steps=3)
 
@@ -33,7 +34,6 @@ def test_jpeg_has_requested_size_and_seed_is_returned(bf16_pipeline):
 
 
 def test_size_floored_to_multiple_of_16(bf16_pipeline, caplog):
-    from loguru import logger
 
     messages = []
     handler = logger.add(messages.append, level="WARNING")
@@ -72,7 +72,6 @@ def test_several_images_differ_and_reproduce(bf16_pipeline):
 
 
 def test_long_prompt_is_truncated_with_a_warning(bf16_pipeline):
-    from loguru import logger
 
     messages = []
     handler = logger.add(messages.append, level="WARNING")
@@ -90,8 +89,7 @@ def test_attributes(bf16_pipeline):
 
 
 HASH_SCRIPT = """
-import hashlib, sys
-sys.path.insert(0, {root!r})
+import hashlib
 from flux_pipeline import FluxPipeline
 p = FluxPipeline.load_pipeline_from_config_path({config!r}{extra})
 print(hashlib.sha256(p.generate("a lighthouse", width=128, height=96, num_steps=3, seed=11, silent=True)
@@ -100,7 +98,7 @@ print(hashlib.sha256(p.generate("a lighthouse", width=128, height=96, num_steps=
 
 
 def image_hash_in_subprocess(extra: str = "") -> str:
-    script = HASH_SCRIPT.format(root=str(ROOT), config=str(TINY_CONFIG), extra=extra)
+    script = HASH_SCRIPT.format(config=str(TINY_CONFIG), extra=extra)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]

@@ -3,10 +3,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from loguru import logger
 from PIL import Image
 
+from encoder_quantize import F8Conv2d, weight_bytes
+from errors import Cancelled
 from flux_pipeline import FluxPipeline
-from modules.sampling import Cancelled
 
 SMALL = dict(width=128, height=96, num_steps=3, silent=True)
 
@@ -17,7 +19,6 @@ def test_quanto_qfloat8_t5_runs_and_stays_close(tiny_cfg, bf16_pipeline):
     pipe = FluxPipeline.load_pipeline_from_config(
         dict(tiny_cfg, flow_quantization_dtype="bfloat16", text_enc_quantization_dtype="qfloat8")
     )
-    from encoder_quantize import weight_bytes
 
     assert any(isinstance(m, QLinear) for m in pipe.t5.modules())
     linears = [m for m in bf16_pipeline.t5.modules() if isinstance(m, torch.nn.Linear)]
@@ -37,9 +38,6 @@ def test_bitsandbytes_needs_cuda(tiny_cfg):
 
 
 def test_autoencoder_qfloat8_stores_fp8_and_reports_savings(tiny_cfg, bf16_pipeline):
-    from loguru import logger
-
-    from encoder_quantize import F8Conv2d
 
     messages = []
     handler = logger.add(messages.append, level="INFO")

@@ -1,12 +1,12 @@
 import signal
+import socket
 import subprocess
 import sys
 
 import httpx
 
 from replicas import replica_commands
-from tests.conftest import ROOT, TINY_CONFIG
-from tests.server_utils import free_port
+from tests.helpers import ROOT, TINY_CONFIG, free_port
 
 
 def test_each_replica_gets_its_own_device_and_port():
@@ -51,7 +51,6 @@ def test_two_cpu_replicas_serve_and_drain():
 
 
 def _free(port: int) -> bool:
-    import socket
 
     with socket.socket() as s:
         try:

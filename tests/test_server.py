@@ -1,17 +1,22 @@
 import base64
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
 import torch
+import uvicorn
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.server_utils import running_server
+from api import create_app
+from tests.helpers import ROOT, free_port, running_server
 
 SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_steps": 3, "seed": 7}
 SLOW = {"prompt": "slow", "width": 512, "height": 512, "num_steps": 30, "seed": 1}
@@ -266,11 +271,6 @@ def test_sigterm_drains_and_exits_zero():
 
 def test_schema_fuzz_finds_no_server_errors(server):
     """schemathesis against /openapi.json, bounded in examples and time: no 5xx on /generate or /lora."""
-    import os
-    import shutil
-    import subprocess
-
-    from tests.conftest import ROOT
 
     st = shutil.which("schemathesis") or shutil.which("st")
     if st is None:
@@ -324,10 +324,6 @@ class _FailingOnce:
 
 
 def test_out_of_memory_is_503_and_the_server_goes_on():
-    import uvicorn
-
-    from api import create_app
-    from tests.server_utils import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(_FailingOnce()), host="127.0.0.1", port=port, log_level="error"))

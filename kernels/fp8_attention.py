@@ -18,18 +18,13 @@ import math
 import torch
 from torch import Tensor
 
-from modules import qk_kernels
-from modules.triton_support import tl, triton
+from kernels import qk_norm_rope
+from kernels.common import E4M3, E4M3_MAX, MIN_SCALE, SCALARS, SCALE_ROW, SCALE_ROWS, V_AMAX, scalar_offset, tl, triton
 
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = 448.0
-MIN_SCALE = 1e-12  # an all-zero v stays finite
-# order of the six scalars in the scale tensor cuDNN reads (descale: e4m3 -> real; scale: real -> e4m3)
-SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
 HEAD_DIMS = range(8, 129, 8)  # cuDNN's fp8 attention: head size a multiple of 8, at most 128
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
 def _cudnn():
     import cudnn  # nvidia-cudnn-frontend: imported on first use only (it is an optional dependency)
 
@@ -64,23 +59,23 @@ def qk_bound(gains: list[Tensor]) -> Tensor:
 
 def attention(streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """Joint attention over the token groups `streams` ((qkv (B, L_i, 3*H*D), q gain, k gain) each, as
-    `qk_kernels.rms_norm_rope` takes them) -> the e4m3 output (B, sum L_i, H*D) and its float32 scale ()."""
-    if not qk_kernels.kernel_fits(streams, pe):  # `unsupported` checked the GPU and cuDNN at load
+    `qk_norm_rope.rms_norm_rope` takes them) -> the e4m3 output (B, sum L_i, H*D) and its float32 scale ()."""
+    if not qk_norm_rope.kernel_fits(streams, pe):  # `unsupported` checked the GPU and cuDNN at load
         return attention_reference(streams, pe, heads)
     (a, qa, ka), (b, qb, kb) = streams[0], streams[1] if len(streams) == 2 else (None, None, None)
-    q8, k8, v, scales = torch.ops.flux_ops.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, pe, heads)
+    q8, k8, v, scales = torch.ops.flux.rms_norm_rope_fp8(a, qa, ka, b, qb, kb, pe, heads)
     width = a.shape[-1] // 3
     rows = a[..., 2 * width :] if b is None else v.flatten(2)  # (B, L, H*D): one stream's v where it was written
-    v8, scales = torch.ops.flux_ops.fp8_quantize_v(rows, scales)
-    o8 = torch.ops.flux_ops.cudnn_fp8_sdpa(q8, k8, v8.view(q8.shape), scales)
-    return o8.flatten(2), scales[2, 0]
+    v8, scales = torch.ops.flux.fp8_quantize_v(rows, scales)
+    o8 = torch.ops.flux.cudnn_fp8_sdpa(q8, k8, v8.view(q8.shape), scales)
+    return o8.flatten(2), scales[SCALARS.index("descale_v"), 0]
 
 
 def quantize(
     q: Tensor, k: Tensor, v: Tensor, bound_q: Tensor, bound_k: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(B, H, L, D) q, k, v -> e4m3 copies as (B, L, H, D) memory, and the (6, 4) float32 scale buffer cuDNN reads
-    (column 0 of each row, in the order of `SCALARS`), in torch ops."""
+    """(B, H, L, D) q, k, v -> e4m3 copies as (B, L, H, D) memory, and the float32 scale buffer cuDNN reads
+    (`kernels.common`: column 0 of each row, in the order of `SCALARS`), in torch ops."""
     sv = (v.abs().amax().float() / E4M3_MAX).clamp(min=MIN_SCALE)
     sq, sk = (b.float().clamp(min=MIN_SCALE) / E4M3_MAX for b in (bound_q, bound_k))
 
@@ -88,7 +83,7 @@ def quantize(
         return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).transpose(1, 2).contiguous()
 
     one = torch.ones((), dtype=torch.float32, device=v.device)
-    scales = torch.zeros((len(SCALARS), 4), dtype=torch.float32, device=v.device)
+    scales = torch.zeros((SCALE_ROWS, SCALE_ROW), dtype=torch.float32, device=v.device)
     scales[:, 0] = torch.stack([sq, sk, sv, one / E4M3_MAX, one * E4M3_MAX, 1 / sv])
     return e4m3(q, sq), e4m3(k, sk), e4m3(v, sv), scales
 
@@ -107,10 +102,10 @@ def emulate(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor) -> Tensor:
 
 def attention_reference(streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """`attention` in torch ops (any device; the CPU's path and the tests' reference)."""
-    q, k, v = qk_kernels.rms_norm_rope_reference(streams, pe, heads)
+    q, k, v = qk_norm_rope.rms_norm_rope_reference(streams, pe, heads)
     bound_q, bound_k = qk_bound([s[1] for s in streams]), qk_bound([s[2] for s in streams])
     q8, k8, v8, scales = quantize(q, k, v, bound_q, bound_k)
-    return emulate(q8, k8, v8, scales).flatten(2), scales[2, 0]
+    return emulate(q8, k8, v8, scales).flatten(2), scales[SCALARS.index("descale_v"), 0]
 
 
 class _Plan:
@@ -149,19 +144,14 @@ class _Plan:
         self.graph.execute(pack, workspace, handle=self.handle)
 
 
-_PLANS: dict[tuple, _Plan] = {}
-
-
+@functools.lru_cache(maxsize=16)  # a server sees a handful of image sizes; each plan holds a cuDNN handle
 def _plan(b: int, h: int, seq: int, d: int, device: torch.device) -> _Plan:
-    key = (b, h, seq, d, device)
-    if key not in _PLANS:
-        _PLANS[key] = _Plan(b, h, seq, d, device)
-    return _PLANS[key]
+    return _Plan(b, h, seq, d, device)
 
 
-@torch.library.custom_op("flux_ops::cudnn_fp8_sdpa", mutates_args=())
+@torch.library.custom_op("flux::cudnn_fp8_sdpa", mutates_args=())
 def cudnn_fp8_sdpa(q8: Tensor, k8: Tensor, v8: Tensor, scales: Tensor) -> Tensor:
-    """(B, L, H, D) contiguous e4m3 q, k, v and the (6, 4) scale buffer (`quantize`) -> e4m3 (B, L, H, D) output."""
+    """(B, L, H, D) contiguous e4m3 q, k, v and the scale buffer (`quantize`) -> e4m3 (B, L, H, D) output."""
     b, seq, h, d = q8.shape
     q8, k8, v8 = (x.contiguous() for x in (q8, k8, v8))  # the plan's strides (no copy when they are)
     out = torch.empty_like(q8)
@@ -182,17 +172,21 @@ if triton is not None:
     def _quantize_v_kernel(
         v_ptr, v8_ptr, s_in, s_out, M, L, b_stride, l_stride,
         W: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+        Q_AT: tl.constexpr, K_AT: tl.constexpr, V_AT: tl.constexpr, VD_AT: tl.constexpr, SD_AT: tl.constexpr,
+        SS_AT: tl.constexpr, SO_AT: tl.constexpr,
     ):  # fmt: skip
+        # *_AT: offsets in the scale buffer (`kernels.common`): q's, k's and v's descales, max|v| from the QK kernel,
+        # the probabilities' descale and scale, and the output's scale
         pid = tl.program_id(0)
-        amax = tl.maximum(tl.load(s_in + 9), 448.0 * 1e-12)  # [2, 1]: max|v| from the QK kernel
+        amax = tl.maximum(tl.load(s_in + V_AT), 448.0 * 1e-12)
         sv = amax / 448.0
-        if pid == 0:  # the scale buffer cuDNN reads, column 0 of each row (SCALARS' order)
-            tl.store(s_out, tl.load(s_in))
-            tl.store(s_out + 4, tl.load(s_in + 4))
-            tl.store(s_out + 8, sv)
-            tl.store(s_out + 12, 1.0 / 448.0)
-            tl.store(s_out + 16, 448.0)
-            tl.store(s_out + 20, tl.math.div_rn(1.0, sv))
+        if pid == 0:  # the buffer cuDNN reads
+            tl.store(s_out + Q_AT, tl.load(s_in + Q_AT))
+            tl.store(s_out + K_AT, tl.load(s_in + K_AT))
+            tl.store(s_out + VD_AT, sv)
+            tl.store(s_out + SD_AT, 1.0 / 448.0)
+            tl.store(s_out + SS_AT, 448.0)
+            tl.store(s_out + SO_AT, tl.math.div_rn(1.0, sv))
         r = tl.math.div_rn(448.0, amax)
         rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
         cols = tl.arange(0, BLOCK)[None, :]
@@ -200,7 +194,13 @@ if triton is not None:
         x = tl.load(v_ptr + (rows // L) * b_stride + (rows % L) * l_stride + cols, mask=mask, other=0.0)
         tl.store(v8_ptr + rows * W + cols, (x.to(tl.float32) * r).to(tl.float8e4nv), mask=mask)
 
-    @torch.library.custom_op("flux_ops::fp8_quantize_v", mutates_args=())
+    _OFFSETS = dict(
+        Q_AT=scalar_offset("descale_q"), K_AT=scalar_offset("descale_k"), V_AT=V_AMAX,
+        VD_AT=scalar_offset("descale_v"), SD_AT=scalar_offset("descale_s"), SS_AT=scalar_offset("scale_s"),
+        SO_AT=scalar_offset("scale_o"),
+    )  # fmt: skip
+
+    @torch.library.custom_op("flux::fp8_quantize_v", mutates_args=())
     def _quantize_v_op(v: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, W) v (rows may be strided) and the QK kernel's scale buffer -> e4m3 (B, L, W) v scaled by
         448 / max|v|, and the complete scale buffer."""
@@ -213,7 +213,7 @@ if triton is not None:
         with torch.cuda.device(v.device):
             _quantize_v_kernel[(max(triton.cdiv(b * seq, rows), 1),)](
                 v, v8, scales, out, b * seq, seq, v.stride(0), v.stride(1),
-                W=width, BLOCK=triton.next_power_of_2(width), ROWS=rows, num_warps=8,
+                W=width, BLOCK=triton.next_power_of_2(width), ROWS=rows, num_warps=8, **_OFFSETS,
             )  # fmt: skip
         return v8, out
 

@@ -1,17 +1,17 @@
-"""Activation quantization for `F8Linear`: inductor-fused quantizers, and one-pass kernels for the inputs of
+"""Activation quantization for the fp8 linears: inductor-fused quantizers, and one-pass kernels for the inputs of
 the MLPs' second layers (GELU + concat + quantization) and of every layer after a modulated LayerNorm
 (LayerNorm + modulation + quantization).
 
 The input of a single block's `linear2` is `cat(attention, gelu(mlp))` (4608 x 15360 at 1024x1024) and that
 of a double block's `mlp.2` is `gelu(mlp)`. Quantizing them per token with plain ops (even fused by
-inductor) reads the activations twice from memory and computes the GELU twice: measured 9.3 ms per step for
-the single blocks alone on an H200. Here one Triton program per row computes the GELU, the row's absolute
-maximum and the e4m3 values, reading the row the second time from cache and writing only the fp8 result.
+inductor) reads the activations twice from memory and computes the GELU twice. Here one Triton program per row
+computes the GELU, the row's absolute maximum and the e4m3 values, reading the row the second time from cache
+and writing only the fp8 result.
 
-The LayerNorm kernel does for `(1 + scale) * layer_norm(x) + shift` what inductor did in a looped reduction
-reading each row three times (4.45 ms per step, profile of 2026-11-29): one read, one fp8 write (3.03 ms).
-Its values agree with the torch ops' to within the roundings to the activation dtype on the way (its
-statistics are summed in another order), with the same accuracy against float64 (GPU tests).
+The LayerNorm kernel does for `(1 + scale) * layer_norm(x) + shift` what inductor does in a looped reduction
+reading each row three times: one read, one fp8 write. Its values agree with the torch ops' to within the
+roundings to the activation dtype on the way (its statistics are summed in another order), with the same
+accuracy against float64 (GPU tests). Timings of both against the torch ops: bench/RESULTS.md.
 
 On CUDA with Triton the kernels run as torch custom ops (opaque to `torch.compile`, capturable in CUDA
 graphs); everywhere else the `*_reference` functions compute the same values with torch ops.
@@ -25,19 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modules.triton_support import ROUND as _ROUND
-from modules.triton_support import available, tl, triton
-
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
-MIN_SCALE = 1e-12  # keeps all-zero rows/tensors finite
-
-# False: torch ops instead of the kernel (benchmarks compare both in one run)
-GELU_PASS = True  # GELU + concat + quantization
-NORM_PASS = True  # LayerNorm + modulation + quantization
-# the GELU kernel's tanh as the GPU's approximate instruction (bench_flow '@exacttanh' turns it off): H200, same
-# run, 86.6 -> 86.0 ms per 1024x1024 step and 48.0 -> 47.2 at 768x768, fp8 error unchanged (bench/RESULTS.md)
-FAST_TANH = True
+from kernels.common import E4M3, E4M3_MAX, MIN_SCALE, available, tl, triton
+from kernels.common import ROUND as _ROUND
 
 
 def dynamic_quantize(x: Tensor, per_token: bool) -> tuple[Tensor, Tensor]:
@@ -56,7 +45,7 @@ def dequantize(xq: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (xq.float() * scale).to(dtype)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=2)  # one entry per quantizer below
 def _fused(fn: Callable) -> Callable:
     # one Triton kernel instead of five passes over the activations; inlined when the caller is compiled
     return torch.compile(fn, dynamic=True, fullgraph=True)
@@ -92,14 +81,18 @@ def layernorm_modulate_quantize_reference(
 
 
 def layernorm_modulate_quantize(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    if NORM_PASS and available(x) and x.ndim == 3 and scale.shape == shift.shape == (x.shape[0], 1, x.shape[2]):
-        return torch.ops.flux_fp8.layernorm_modulate_quantize(x, scale, shift, eps)
+    """`layernorm_modulate_quantize_reference`, as one kernel where it runs."""
+    if available(x) and x.ndim == 3 and scale.shape == shift.shape == (x.shape[0], 1, x.shape[2]):
+        return torch.ops.flux.layernorm_modulate_quantize(x, scale, shift, eps)
     return layernorm_modulate_quantize_reference(x, scale, shift, eps)
 
 
-def gelu_concat_quantize(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    if GELU_PASS and available(b):
-        return torch.ops.flux_fp8.gelu_concat_quantize(a, b, a_scale)
+def gelu_concat_quantize(
+    a: Tensor | None, b: Tensor, a_scale: Tensor | None = None, fast_tanh: bool = True
+) -> tuple[Tensor, Tensor]:
+    """`gelu_concat_quantize_reference`, as one kernel where it runs (`fast_tanh`: the GPU's approximate tanh)."""
+    if available(b):
+        return torch.ops.flux.gelu_concat_quantize(a, b, a_scale, fast_tanh)
     return gelu_concat_quantize_reference(a, b, a_scale)
 
 
@@ -111,9 +104,8 @@ if triton is not None:
     # - no clamp to +-448: |x| <= amax makes |x / scale| <= 448 up to a few float32 ulps, which round to 448
     #   (e4m3's largest value; the next rounding boundary is 464);
     # - the GELU's polynomial with two multiplies fewer (below).
-    # Measured alone, same run (H200, graph replays, `bench/RESULTS.md`): GELU kernels per step 4.51 -> 3.75 ms,
-    # LayerNorm kernels 1.47 -> 1.24 ms. Exact ties of the e4m3 rounding (~1% of elements) now round the other way
-    # from torch's division, half a step from the value either way.
+    # (each kernel alone before and after: bench/RESULTS.md). Exact ties of the e4m3 rounding (~1% of elements)
+    # round the other way from torch's division, half a step from the value either way.
 
     @triton.jit
     def _gelu_tanh(x, ROUND: tl.constexpr, FAST: tl.constexpr):
@@ -234,7 +226,7 @@ if triton is not None:
         tl.store(s_ptr + rows, s, mask=rows < M)
         tl.store(q_ptr + rows * D + cols, (y * _reciprocal(s)).to(tl.float8e4nv), mask=mask)
 
-    @torch.library.custom_op("flux_fp8::layernorm_modulate_quantize", mutates_args=())
+    @torch.library.custom_op("flux::layernorm_modulate_quantize", mutates_args=())
     def _layernorm_modulate_quantize_op(x: Tensor, scale: Tensor, shift: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         b, seq, d = x.shape
         if x.stride(-1) != 1 or x.stride(0) != seq * x.stride(1):
@@ -263,8 +255,10 @@ if triton is not None:
         x = x.reshape(-1, x.shape[-1])  # a view when the rows are evenly strided (split outputs are)
         return x if x.stride(-1) == 1 else x.contiguous()
 
-    @torch.library.custom_op("flux_fp8::gelu_concat_quantize", mutates_args=())
-    def _gelu_concat_quantize_op(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    @torch.library.custom_op("flux::gelu_concat_quantize", mutates_args=())
+    def _gelu_concat_quantize_op(
+        a: Tensor | None, b: Tensor, a_scale: Tensor | None, fast_tanh: bool
+    ) -> tuple[Tensor, Tensor]:
         b2 = _rows(b)
         a2 = _rows(a) if a is not None else b2
         ka = a2.shape[1] if a is not None else 0
@@ -275,13 +269,13 @@ if triton is not None:
             with torch.cuda.device(b.device):
                 _gelu_concat_quantize_kernel[(m,)](
                     a2, b2, q, scale, a2.stride(0), b2.stride(0), ka, kb, HAS_A=a is not None, ROUND=_ROUND[b.dtype],
-                    FAST=FAST_TANH, a_scale_ptr=a_scale, A_SCALED=a_scale is not None,
+                    FAST=fast_tanh, a_scale_ptr=a_scale, A_SCALED=a_scale is not None,
                     BLOCK_A=triton.next_power_of_2(max(ka, 1)), BLOCK_B=triton.next_power_of_2(kb),
                 )  # fmt: skip
         return q, scale
 
     @_gelu_concat_quantize_op.register_fake
-    def _(a: Tensor | None, b: Tensor, a_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _(a: Tensor | None, b: Tensor, a_scale: Tensor | None, fast_tanh: bool) -> tuple[Tensor, Tensor]:
         m = b.numel() // b.shape[-1]
         k = b.shape[-1] + (a.shape[-1] if a is not None else 0)
         return b.new_empty((m, k), dtype=E4M3), b.new_empty((m, 1), dtype=torch.float32)

@@ -3,8 +3,8 @@ the whole GPU.
 
 PyTorch's CUDA GroupNorm computes each group's mean and variance in one thread block: B x 32 blocks for the
 autoencoder, each reading up to 4 Mi values at 1024x1024 (128 channels, 1024x1024 pixels, 4 channels per
-group). On an H200 those statistics took 44.5 of the 86.9 ms of a 1024x1024 decode (profile, bench/RESULTS.md).
-Here three kernels do the work: partial moments of 4096-value chunks (all SMs busy), one program per group
+group): on an H200 those statistics took half of a 1024x1024 decode (profile in bench/RESULTS.md). Here three
+kernels do the work: partial moments of 4096-value chunks (all SMs busy), one program per group
 combining them (Chan's parallel formula, float32), then one pass that normalizes, applies the affine and,
 where the model asks, the swish, writing the result once.
 
@@ -18,12 +18,11 @@ CUDA (GPU tests: against float64, and elementwise against the same formula with 
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from modules.triton_support import ROUND as _ROUND
-from modules.triton_support import available, tl, triton
+from kernels.common import ROUND as _ROUND
+from kernels.common import available, tl, triton
 
-ENABLED = True  # False: the torch ops (benchmarks compare both in one run)
 CHUNK = 4096  # values per partial-moment program
 MAX_GRID = 65535  # CUDA's limit on a grid's second dimension: 268 M values per group (a 4096x4096 decode has 67 M)
 
@@ -33,21 +32,31 @@ def group_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, groups: int, e
     return y * torch.sigmoid(y) if swish else y
 
 
-def group_norm(norm: nn.GroupNorm, x: Tensor, swish: bool = False) -> Tensor:
-    """`norm(x)`, followed by `y * sigmoid(y)` when `swish`."""
-    args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, swish)
+def group_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    groups: int,
+    eps: float,
+    swish: bool = False,
+    use_kernel: bool = True,
+    max_grid: int = MAX_GRID,
+) -> Tensor:
+    """`F.group_norm`, followed by `y * sigmoid(y)` when `swish`; the kernels where they run and `use_kernel`."""
+    args = (x, weight, bias, groups, eps, swish)
     if (
-        ENABLED
+        use_kernel
         and available(x)
         and x.ndim == 4
         and x.is_contiguous()
-        and norm.affine
+        and weight is not None
+        and bias is not None
         and x.dtype in _ROUND
-        and norm.weight.device == x.device
-        and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))  # no backward here
-        and x.shape[1] // norm.num_groups * x.shape[2] * x.shape[3] <= CHUNK * MAX_GRID  # values per group
+        and weight.device == x.device
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))  # no backward here
+        and x.shape[1] // groups * x.shape[2] * x.shape[3] <= CHUNK * max_grid  # values per group
     ):
-        return torch.ops.flux_ae.group_norm(*args)
+        return torch.ops.flux.group_norm(*args)
     return group_norm_reference(*args)
 
 
@@ -111,7 +120,7 @@ if triton is not None:
             y = (yf * tl.sigmoid(yf).to(ROUND).to(tl.float32)).to(ROUND)
         tl.store(y_ptr + bc * HW + offs, y, mask=mask)
 
-    @torch.library.custom_op("flux_ae::group_norm", mutates_args=())
+    @torch.library.custom_op("flux::group_norm", mutates_args=())
     def _group_norm_op(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, swish: bool) -> Tensor:
         b, c, h, w = x.shape
         if c % groups:

@@ -7,11 +7,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from modules.sampling import Cancelled
+from errors import Cancelled
 
 
 class QueueFull(Exception):
-    pass
+    """The queue holds `max_queue_size` jobs already."""
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """QK-norm + rotary embedding in one pass over the attention inputs, writing `(B, H, L, D)` tensors.
 
 The unfused path reads the qkv projection's output three times (RMS statistics, normalization, rotation)
-and, in a double block, copies q, k and v once more to join the text and image tokens: measured 6.1 ms per
-1024x1024 step on an H200 (inductor-fused). Here one Triton program per token normalizes and rotates all
+and, in a double block, copies q, k and v once more to join the text and image tokens, even inductor-fused
+(bench/RESULTS.md). Here one Triton program per token normalizes and rotates all
 heads of its q and k in registers and writes them (and v, when asked) straight into the joined sequence,
 (B, H, L, D) tensors laid out as (B, L, H, D) in memory.
 
@@ -13,11 +13,9 @@ activation dtype before and after the gain, and rotated in float32, as the unfus
 import torch
 from torch import Tensor
 
-from modules import triton_support
-from modules.triton_support import ROUND as _ROUND
-from modules.triton_support import tl, triton
+from kernels.common import ROUND as _ROUND
+from kernels.common import SCALE_ROW, SCALE_ROWS, V_AMAX, available, scalar_offset, tl, triton
 
-ENABLED = True  # False: the torch ops (benchmarks compare both in one run)
 EPS = 1e-6  # the model's RMSNorm epsilon
 
 
@@ -26,7 +24,7 @@ def kernel_fits(streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor) -> boo
     batch size, float32 rotations."""
     qkv = streams[0][0]
     alike = all(s[0].dtype == qkv.dtype and s[0].shape[0] == qkv.shape[0] for s in streams)
-    return triton_support.available(qkv) and alike and len(streams) <= 2 and pe.dtype == torch.float32
+    return available(qkv) and alike and len(streams) <= 2 and pe.dtype == torch.float32
 
 
 def rms_norm(x: Tensor, gain: Tensor) -> Tensor:
@@ -64,11 +62,12 @@ def rms_norm_rope_reference(
 
 
 def rms_norm_rope(
-    streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor, heads: int
+    streams: list[tuple[Tensor, Tensor, Tensor]], pe: Tensor, heads: int, use_kernel: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if ENABLED and kernel_fits(streams, pe):
+    """`rms_norm_rope_reference`, as one kernel launch per stream where it runs and `use_kernel`."""
+    if use_kernel and kernel_fits(streams, pe):
         (a, qa, ka), (b, qb, kb) = streams[0], streams[1] if len(streams) == 2 else (None, None, None)
-        q, k, v = torch.ops.flux_ops.rms_norm_rope(a, qa, ka, b, qb, kb, pe, heads)
+        q, k, v = torch.ops.flux.rms_norm_rope(a, qa, ka, b, qb, kb, pe, heads)
         if b is None:  # one stream: v is read where the projection wrote it
             v = split_heads(a, heads)[2]
         return q, k, v
@@ -92,11 +91,12 @@ if triton is not None:
         seq, b_stride, l_stride, pe_b_stride, out_len, offset, H,
         D: tl.constexpr, HP: tl.constexpr, COPY_V: tl.constexpr, ROUND: tl.constexpr,
         FP8: tl.constexpr = False, qg2_ptr=None, kg2_ptr=None, scales_ptr=None,
+        Q_AT: tl.constexpr = 0, K_AT: tl.constexpr = 0, V_AT: tl.constexpr = 0,
     ):  # fmt: skip
         # FP8: q and k written in e4m3 with one scale each for the whole joined sequence, 448 / (sqrt(D) * max|gain|)
         # over both streams' gains (`qg2_ptr`, `kg2_ptr`: the other stream's, or the same); program 0 writes their
-        # inverses to `scales_ptr` rows 0 and 1 (rows of 4 float32), and every program folds its token's max|v| into
-        # row 2's second float (an integer max: non-negative floats order as their bits)
+        # inverses at `scales_ptr` + Q_AT and + K_AT, and every program folds its token's max|v| in at + V_AT (an
+        # integer max: non-negative floats order as their bits); offsets from `kernels.common`'s buffer layout
         pid = tl.program_id(0).to(tl.int64)
         b, tok = pid // seq, pid % seq
         heads = tl.arange(0, HP)[:, None]
@@ -122,11 +122,11 @@ if triton is not None:
             tl.store(q_ptr + dst, (q * (448.0 / bq)).to(tl.float8e4nv), mask=mask)
             tl.store(k_ptr + dst, (k * (448.0 / bk)).to(tl.float8e4nv), mask=mask)
             if pid == 0:
-                tl.store(scales_ptr, bq / 448.0)
-                tl.store(scales_ptr + 4, bk / 448.0)
+                tl.store(scales_ptr + Q_AT, bq / 448.0)
+                tl.store(scales_ptr + K_AT, bk / 448.0)
             v = tl.load(src + 2 * H * D, mask=mask, other=0.0)
             amax = tl.max(tl.max(tl.abs(v.to(tl.float32)), axis=1), axis=0)
-            tl.atomic_max((scales_ptr + 9).to(tl.pointer_type(tl.int32)), amax.to(tl.int32, bitcast=True))
+            tl.atomic_max((scales_ptr + V_AT).to(tl.pointer_type(tl.int32)), amax.to(tl.int32, bitcast=True))
             if COPY_V:
                 tl.store(v_ptr + dst, v, mask=mask)
         else:
@@ -136,7 +136,7 @@ if triton is not None:
                 tl.store(v_ptr + dst, tl.load(src + 2 * H * D, mask=mask), mask=mask)
 
     def _launch(qkv, q_gain, k_gain, pe, q, k, v, offset: int, heads: int, copy_v: bool, fp8=None) -> None:
-        """`fp8`: (the other stream's q gain, its k gain, the (6, 4) scale buffer) for e4m3 q and k."""
+        """`fp8`: (the other stream's q gain, its k gain, the scale buffer) for e4m3 q and k."""
         b, seq, width = qkv.shape
         if qkv.stride(-1) != 1:
             qkv = qkv.contiguous()
@@ -147,6 +147,7 @@ if triton is not None:
             q.shape[1], offset,
             heads, D=dim, HP=triton.next_power_of_2(heads), COPY_V=copy_v, ROUND=_ROUND[qkv.dtype],
             FP8=fp8 is not None, qg2_ptr=qg2, kg2_ptr=kg2, scales_ptr=scales,
+            Q_AT=scalar_offset("descale_q"), K_AT=scalar_offset("descale_k"), V_AT=V_AMAX,
             num_warps=4 if dim * heads <= 4096 else 8,
         )  # fmt: skip
 
@@ -172,23 +173,26 @@ if triton is not None:
             if b is not None and b.shape[0] * b.shape[1]:
                 _launch(b, *gains_b, pe, q, k, v, a.shape[1], heads, True, fp8_b)
 
-    @torch.library.custom_op("flux_ops::rms_norm_rope_fp8", mutates_args=())
+    @torch.library.custom_op("flux::rms_norm_rope_fp8", mutates_args=())
     def _rms_norm_rope_fp8_op(
         a: Tensor, q_gain_a: Tensor, k_gain_a: Tensor,
         b: Tensor | None, q_gain_b: Tensor | None, k_gain_b: Tensor | None, pe: Tensor, heads: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        """e4m3 q and k as (B, L, H, D), v in the activation dtype (`_outputs`), and the (6, 4) float32 scale buffer:
-        [0, 0] and [1, 0] q's and k's scales, [2, 1] max|v|."""
+        """e4m3 q and k as (B, L, H, D), v in the activation dtype (`_outputs`), and the float32 scale buffer
+        (`kernels.common`) holding q's and k's scales and max|v|."""
         q, k, v = _outputs(a, b, heads, torch.float8_e4m3fn)
-        scales = torch.zeros((6, 4), dtype=torch.float32, device=a.device)
+        scales = _scale_buffer(a.device)
         _launch_streams(a, (q_gain_a, k_gain_a), b, (q_gain_b, k_gain_b), pe, heads, q, k, v, scales)
         return q, k, v, scales
 
     @_rms_norm_rope_fp8_op.register_fake
     def _(a, q_gain_a, k_gain_a, b, q_gain_b, k_gain_b, pe, heads):
-        return *_outputs(a, b, heads, torch.float8_e4m3fn), a.new_empty((6, 4), dtype=torch.float32)
+        return *_outputs(a, b, heads, torch.float8_e4m3fn), a.new_empty((SCALE_ROWS, SCALE_ROW), dtype=torch.float32)
 
-    @torch.library.custom_op("flux_ops::rms_norm_rope", mutates_args=())
+    def _scale_buffer(device: torch.device) -> Tensor:
+        return torch.zeros((SCALE_ROWS, SCALE_ROW), dtype=torch.float32, device=device)
+
+    @torch.library.custom_op("flux::rms_norm_rope", mutates_args=())
     def _rms_norm_rope_op(
         a: Tensor, q_gain_a: Tensor, k_gain_a: Tensor,
         b: Tensor | None, q_gain_b: Tensor | None, k_gain_b: Tensor | None, pe: Tensor, heads: int,

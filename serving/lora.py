@@ -1,0 +1,76 @@
+"""POST /lora (load, rescale, unload) and GET /lora, confined to the server's LoRA directory."""
+
+import re
+import threading
+from pathlib import Path, PurePath
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from serving.auth import require_api_key
+from serving.jobs import run_job
+from serving.schemas import LoraRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def resolve_lora_path(lora_dir: Path, requested: str) -> Path:
+    """A path inside `lora_dir`, symlinks resolved before the containment check; HTTPException otherwise."""
+    pure = PurePath(requested)
+    if (
+        "\x00" in requested
+        or pure.is_absolute()
+        or requested.startswith(("\\", "/"))
+        or re.match(r"^[A-Za-z]:", requested)
+    ):
+        raise HTTPException(400, "path must be relative to the LoRA directory")
+    if ".." in pure.parts or ".." in requested.replace("\\", "/").split("/"):
+        raise HTTPException(400, "path may not contain '..'")
+    if pure.suffix != ".safetensors":
+        raise HTTPException(400, "only .safetensors LoRA files are accepted")
+    root = lora_dir.resolve()
+    full = (root / pure).resolve()
+    if not full.is_relative_to(root):
+        raise HTTPException(403, "path leads outside the LoRA directory")
+    if not full.is_file():
+        raise HTTPException(404, "no such LoRA file")
+    return full
+
+
+def shown_path(lora_dir: Path | None, path: str | None) -> str | None:
+    """A loaded LoRA's path as clients see it: relative to the LoRA directory, never the server's own path."""
+    if path is None or lora_dir is None:
+        return None
+    p = Path(path)
+    return str(p.relative_to(lora_dir)) if p.is_relative_to(lora_dir) else p.name
+
+
+@router.get("/lora")
+async def list_loras(request: Request) -> JSONResponse:
+    lora_dir = request.app.state.lora_dir
+    loras = [dict(lora, path=shown_path(lora_dir, lora["path"])) for lora in request.app.state.pipeline.list_loras()]
+    return JSONResponse({"loras": loras})
+
+
+@router.post("/lora")
+async def lora(body: LoraRequest, request: Request) -> JSONResponse:
+    lora_dir: Path | None = request.app.state.lora_dir
+    pipeline = request.app.state.pipeline
+    if lora_dir is None:
+        raise HTTPException(403, "LoRA loading is disabled: start the server with --lora-dir")
+    if body.action == "load":
+        full = resolve_lora_path(lora_dir, body.path)
+
+        def load(cancel: threading.Event) -> str:
+            return pipeline.load_lora(full, scale=body.scale, name=body.name)
+
+        name = await run_job(load, request)
+        return JSONResponse({"status": "loaded", "name": name, "scale": body.scale})
+
+    key = body.name if body.name is not None else str(resolve_lora_path(lora_dir, body.path))
+
+    def unload(cancel: threading.Event) -> None:
+        pipeline.unload_lora(key)
+
+    await run_job(unload, request)
+    return JSONResponse({"status": "unloaded", "name": body.name or shown_path(lora_dir, key)})

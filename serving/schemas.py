@@ -1,0 +1,67 @@
+"""Request bodies, validated once at the edge (pydantic): limits from `util.LIMITS`, defaults from `util.DEFAULTS`."""
+
+from typing import Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from images import FORMATS, decode_base64_image
+from util import DEFAULTS, LIMITS
+
+_SIZE = dict(ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=LIMITS.size_multiple)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=LIMITS.max_prompt_chars)
+    width: int = Field(default=DEFAULTS.width, **_SIZE)
+    height: int = Field(default=DEFAULTS.height, **_SIZE)
+    num_steps: int = Field(default=DEFAULTS.num_steps, ge=1, le=LIMITS.max_steps)
+    guidance: float = Field(default=DEFAULTS.guidance, ge=0, le=LIMITS.max_guidance, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=LIMITS.max_seed)
+    strength: float = Field(default=DEFAULTS.strength, ge=0, le=1, allow_inf_nan=False)
+    init_image: str | None = Field(
+        default=None,
+        max_length=4 * LIMITS.max_init_image_bytes // 3 + 128,
+        description=f"base64 or data URL, at most {LIMITS.max_init_image_bytes // 2**20} MB decoded",
+    )
+    num_images: int = Field(default=DEFAULTS.num_images, ge=1, le=LIMITS.max_images)
+    output_format: Literal[tuple(FORMATS)] = "jpeg"
+    jpeg_quality: int = Field(default=DEFAULTS.jpeg_quality, ge=1, le=100)
+    _image: Image.Image | None = PrivateAttr(default=None)
+
+    @field_validator("init_image")
+    @classmethod
+    def _decodable(cls, value: str | None) -> str | None:
+        if value is not None:
+            decode_base64_image(value)  # InvalidInput (a ValueError) -> 422 naming init_image
+        return value
+
+    @model_validator(mode="after")
+    def _pixels(self) -> "GenerateRequest":
+        if self.width * self.height > LIMITS.max_pixels:
+            raise ValueError(f"width*height must be at most {LIMITS.max_pixels}")
+        if self.init_image is not None:
+            self._image = decode_base64_image(self.init_image)
+        return self
+
+
+class LoraRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="a .safetensors file inside the server's LoRA directory",
+    )
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    scale: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
+    action: Literal["load", "unload"] = "load"
+
+    @model_validator(mode="after")
+    def _target(self) -> "LoraRequest":
+        if self.path is None and (self.action == "load" or self.name is None):
+            raise ValueError("path is required (unload also takes a name)")
+        return self

@@ -1,0 +1,10 @@
+"""What the server is started with, apart from the model's config."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_queue_size: int = 8  # jobs waiting at most; one more gets 429
+    api_key: str | None = None  # `Authorization: Bearer KEY` on every route but /health
+    lora_dir: str | None = None  # POST /lora loads files from here only; None: LoRA loading off
