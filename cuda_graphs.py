@@ -1,7 +1,7 @@
 """The flow model's forward replayed as one CUDA graph per input shape.
 
-A compiled 1024x1024 step launches about two thousand kernels from 57 separately compiled blocks; on an H200
-the GPU sat idle ~9 ms of a 100 ms step between them (bench/RESULTS.md). Replaying the whole forward as one
+A compiled 1024x1024 step launches about two thousand kernels from 57 separately compiled blocks, and the GPU
+sits idle between them for about a tenth of the step (bench/RESULTS.md). Replaying the whole forward as one
 captured graph removes those gaps. The graph reads the model's weights in place, so LoRA fusing (which
 copies into the same tensors) needs no recapture; moving the model to another device does, which is why
 the pipeline never graphs an offloaded flow model. The rotary embedding depends only on the position ids, so

@@ -17,8 +17,8 @@ def bitsandbytes_config(quant: str | None, compute_dtype: torch.dtype):
     if quant not in BITSANDBYTES:
         return None
     try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401 - optional: only these two modes need it
+        from transformers import BitsAndBytesConfig  # heavy to import: only when asked for
     except ImportError as e:
         raise ConfigError(f"text encoder quantization {quant!r} needs bitsandbytes (pip install bitsandbytes)") from e
     if quant == "qint4":

@@ -214,7 +214,7 @@ def swap_linears(module: nn.Module, predicate: Callable[[str], bool], factory: C
 
 
 def quantized_layer(name: str, settings: F8Settings) -> bool:
-    """SPEC 4.3: block linears always, modulation and embedders by flag, the final layer never."""
+    """Which linears are fp8: the blocks' always, modulation and embedders by flag, the final layer never."""
     if name.startswith(("double_blocks.", "single_blocks.")):
         return settings.quantize_modulation or not any(m in name for m in MODULATIONS)
     return name.startswith(EMBEDDERS) and settings.quantize_flow_embedder_layers

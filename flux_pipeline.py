@@ -178,7 +178,8 @@ class FluxPipeline:
         """Copy every linear layer's pristine weights to host memory now, so that no LoRA load pays for it later.
 
         LoRA fusing needs these copies to restore the exact weights; taken on demand, the first LoRA covering the
-        whole model waits for all of them (11 s on an H200). The server takes them at start-up with `--lora-dir`.
+        whole model waits for all of them (seconds; bench/RESULTS.md). The server takes them at start-up with
+        `--lora-dir`.
         Costs host memory the size of the flow model's linear weights (11 GiB in fp8 for FLUX.1)."""
         with self.lock:
             start = time.perf_counter()

@@ -14,7 +14,6 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
 import encoder_quantize
 import float8_quantize
@@ -386,6 +385,9 @@ def load_autoencoder(config: ModelSpec, options: KernelOptions = KernelOptions()
 
 
 def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype, device: torch.device, quant):
+    # transformers takes seconds to import: only what loads the text encoders pays for it
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
     model_cls = CLIPTextModel if is_clip else T5EncoderModel
     tokenizer = AutoTokenizer.from_pretrained(path)
     bnb = encoder_quantize.bitsandbytes_config(quant, dtype)

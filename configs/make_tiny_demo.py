@@ -10,8 +10,11 @@ import random
 import tempfile
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from modules.autoencoder import AutoEncoder, AutoEncoderParams
 from modules.flux_model import Flux, FluxParams
@@ -81,9 +84,6 @@ def ae_state_dict(params: dict = AE_PARAMS, seed: int = 0) -> dict:
 
 
 def make_t5(out_dir: Path, text: list[str]) -> None:
-    import sentencepiece as spm
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,8 +135,6 @@ def make_t5(out_dir: Path, text: list[str]) -> None:
 
 
 def make_clip(out_dir: Path, text: list[str]) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     tok = Tokenizer(models.BPE(unk_token=eos, end_of_word_suffix="</w>"))

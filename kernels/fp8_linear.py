@@ -97,8 +97,9 @@ def gelu_concat_quantize(
 
 
 if triton is not None:
-    # These kernels are bound by instruction issue as much as by memory (H200: ~3.8e9 GELU elements per step at
-    # ~1.5 GHz under the power cap), so each element costs as few instructions as the math allows:
+    # These kernels are bound by instruction issue as much as by memory (~3.8e9 GELU elements per 1024x1024 step,
+    # on a GPU that lowers its clock under its power cap), so each element costs as few instructions as the math
+    # allows:
     # - quantizing multiplies by the row's reciprocal scale, computed once per row with IEEE division, where
     #   `x / scale` was an approximate division per element (a special-function-unit op plus fix-ups);
     # - no clamp to +-448: |x| <= amax makes |x / scale| <= 448 up to a few float32 ulps, which round to 448

@@ -1,8 +1,12 @@
 """T5 and CLIP text encoders behind one interface: a list of prompts -> a tensor."""
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # importing transformers takes seconds: only for the annotations
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class HFEmbedder(nn.Module):
@@ -12,7 +16,9 @@ class HFEmbedder(nn.Module):
     Prompts are padded to `max_length` and truncated, with no attention mask (BFL tokenization).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, hf_module: PreTrainedModel, max_length: int, is_clip: bool):
+    def __init__(
+        self, tokenizer: "PreTrainedTokenizerBase", hf_module: "PreTrainedModel", max_length: int, is_clip: bool
+    ):
         super().__init__()
         self.tokenizer = tokenizer
         self.hf_module = hf_module.eval().requires_grad_(False)

@@ -131,7 +131,7 @@ class Flux(nn.Module):
         (S, B) step times -> (S, B, W), row s to pass as `mods` at step s.
 
         The modulations depend only on the conditioning vector, not on the image. Computed per step they are
-        57 matrix-vector products reading 3.2 GB of weights (1.6 ms per step on an H200); computed for all
+        57 matrix-vector products reading 3.2 GB of weights (bench/RESULTS.md has their cost); computed for all
         steps at once, each weight is read once per image. Each row's values are those of its own step: the
         activations are quantized per row, and the rows are multiplied independently."""
         vec = torch.cat([self.vector(t, y, guidance) for t in timesteps])  # per step, as the forward would

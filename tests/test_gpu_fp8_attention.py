@@ -158,7 +158,7 @@ def test_pipeline_with_fp8_attention_graphs_and_compiles(wide_cfg):
 
     fast = dict(wide_cfg, fp8_attention=True)
     graphed, pipe = pixels(fast)
-    assert isinstance(pipe.step_model, GraphedFlow) and all(b.fp8_attention for b in pipe.model.single_blocks)
+    assert isinstance(pipe.step_model, GraphedFlow) and all(b.options.fp8_attention for b in pipe.model.single_blocks)
     eager, _ = pixels(dict(fast, cuda_graphs=False))
     compiled, _ = pixels(dict(fast, compile_blocks=True, compile_extras=True))
     default, _ = pixels(wide_cfg)

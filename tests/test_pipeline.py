@@ -97,15 +97,23 @@ print(hashlib.sha256(p.generate("a lighthouse", width=128, height=96, num_steps=
 """
 
 
-def image_hash_in_subprocess(extra: str = "") -> str:
+def image_hashes_in_subprocesses(count: int, extra: str = "") -> list[str]:
+    """The hash printed by `count` fresh processes, run side by side."""
     script = HASH_SCRIPT.format(config=str(TINY_CONFIG), extra=extra)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip().splitlines()[-1]
+    cmd = [sys.executable, "-c", script]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) for _ in range(count)
+    ]
+    hashes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        hashes.append(out.strip().splitlines()[-1])
+    return hashes
 
 
 def test_two_processes_give_the_same_jpeg(fp8_pipeline):
-    first, second = image_hash_in_subprocess(), image_hash_in_subprocess()
+    first, second = image_hashes_in_subprocesses(2)
     assert first == second
     here = fp8_pipeline.generate("a lighthouse", width=128, height=96, num_steps=3, seed=11, silent=True)
     assert hashlib.sha256(here.getvalue()).hexdigest() == first

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from api import create_app
+from main import parse_args
 from tests.helpers import ROOT, free_port, running_server
 
 SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_steps": 3, "seed": 7}
@@ -195,59 +196,70 @@ def test_lora_changes_the_image_and_unload_restores_the_exact_bytes(server):
     assert server.post("/lora", json={"path": "good.safetensors", "scale": "big"}).status_code == 422
 
 
-def test_lora_endpoint_is_off_without_a_directory():
-    with running_server() as s:
-        assert s.post("/lora", json={"path": "good.safetensors"}).status_code == 403
+@pytest.fixture(scope="module")
+def strict_server():
+    """A server started with an API key, a queue of one, and no LoRA directory."""
+    with running_server("--api-key", "s3cret", "--max-queue-size", "1") as s:
+        yield s
 
 
-def test_queue_full_is_429_and_running_jobs_finish():
-    with running_server("--max-queue-size", "1") as s:
-        results = {}
-
-        def call(i):
-            results[i] = s.post("/generate", json=dict(SLOW, seed=i))
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-        threads[0].start()
-        deadline = time.monotonic() + 30
-        while s.health()["running"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        threads[1].start()
-        while s.health()["queued"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        r = s.post("/generate", json=SMALL)
-        assert r.status_code == 429 and r.headers["retry-after"].isdigit()
-        assert r.json()["error"]["type"] == "queue_full" or "queue" in r.json()["error"]["message"]
-        for t in threads:
-            t.join(120)
-        assert [results[i].status_code for i in range(2)] == [200, 200]
+AUTH = {"Authorization": "Bearer s3cret"}
 
 
-def test_client_disconnect_cancels_its_job():
-    with running_server() as s:
-        with pytest.raises(httpx.ReadTimeout):
-            s.post("/generate", json=dict(SLOW, num_steps=100), timeout=1.0)
-        deadline = time.monotonic() + 30
-        while s.health()["cancelled"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert s.health()["cancelled"] == 1
-        start = time.monotonic()
-        assert s.post("/generate", json=SMALL).status_code == 200
-        assert time.monotonic() - start < 10  # the worker is free again
+def test_lora_endpoint_is_off_without_a_directory(strict_server):
+    assert strict_server.post("/lora", json={"path": "good.safetensors"}, headers=AUTH).status_code == 403
 
 
-def test_api_key():
-    with running_server("--api-key", "s3cret") as s:
-        assert s.post("/generate", json=SMALL).status_code == 401
-        assert s.post("/generate", json=SMALL, headers={"Authorization": "Bearer wrong"}).status_code == 401
-        assert httpx.get(f"{s.url}/lora").status_code == 401
-        assert s.post("/lora", json={"path": "x.safetensors"}).status_code == 401
-        ok = s.post("/generate", json=SMALL, headers={"Authorization": "Bearer s3cret"})
-        assert ok.status_code == 200 and "s3cret" not in json.dumps(dict(ok.headers))
-        assert httpx.get(f"{s.url}/health").status_code == 200
-    with running_server(env={"FLUX_API_KEY": "from-env"}) as s:
-        assert s.post("/generate", json=SMALL).status_code == 401
-        assert s.post("/generate", json=SMALL, headers={"Authorization": "Bearer from-env"}).status_code == 200
+def test_queue_full_is_429_and_running_jobs_finish(strict_server):
+    s = strict_server
+    results = {}
+
+    def call(i):
+        results[i] = s.post("/generate", json=dict(SLOW, seed=i), headers=AUTH)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while s.health()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    threads[1].start()
+    while s.health()["queued"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = s.post("/generate", json=SMALL, headers=AUTH)
+    assert r.status_code == 429 and r.headers["retry-after"].isdigit()
+    assert r.json()["error"]["type"] == "queue_full" or "queue" in r.json()["error"]["message"]
+    for t in threads:
+        t.join(120)
+    assert [results[i].status_code for i in range(2)] == [200, 200]
+
+
+def test_client_disconnect_cancels_its_job(strict_server):
+    s = strict_server
+    before = s.health()["cancelled"]
+    with pytest.raises(httpx.ReadTimeout):
+        s.post("/generate", json=dict(SLOW, num_steps=100), headers=AUTH, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while s.health()["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert s.health()["cancelled"] == before + 1
+    start = time.monotonic()
+    assert s.post("/generate", json=SMALL, headers=AUTH).status_code == 200
+    assert time.monotonic() - start < 10  # the worker is free again
+
+
+def test_api_key(strict_server, monkeypatch):
+    s = strict_server
+    assert s.post("/generate", json=SMALL).status_code == 401
+    assert s.post("/generate", json=SMALL, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{s.url}/lora").status_code == 401
+    assert s.post("/lora", json={"path": "x.safetensors"}).status_code == 401
+    ok = s.post("/generate", json=SMALL, headers=AUTH)
+    assert ok.status_code == 200 and "s3cret" not in json.dumps(dict(ok.headers))
+    assert httpx.get(f"{s.url}/health").status_code == 200
+    # the key may come from the environment instead of the command line (kept out of `ps`)
+    monkeypatch.setenv("FLUX_API_KEY", "from-env")
+    assert parse_args([]).api_key == "from-env"
+    assert parse_args(["--api-key", "flag"]).api_key == "flag"
 
 
 def test_sigterm_drains_and_exits_zero():
@@ -292,6 +304,8 @@ def test_schema_fuzz_finds_no_server_errors(server):
             "--request-timeout",
             "60",
             "--no-color",
+            "--generation-database",
+            "none",  # every run the same: no examples replayed from an earlier run's store
         ],
         capture_output=True,
         text=True,
