@@ -11,6 +11,7 @@ import uvicorn
 from loguru import logger
 
 from errors import FluxError
+from serving.settings import ServerSettings
 
 # The library (and torch with it) is imported in `build_pipeline`, after `--cache-dir` has pointed the compile
 # and bytecode caches at their folder: imported first, torch would have read the variables already.
@@ -61,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-quantize-flow-modulation", "-nqfm", action="store_true", default=S)
     p.add_argument("--quantize-flow-embedder-layers", "-qfl", action="store_true", default=S)
     p.add_argument("--lora-dir", help="directory that POST /lora may load LoRA files from")
-    p.add_argument("--max-queue-size", type=int, default=8, help="generation requests waiting at most")
+    p.add_argument(
+        "--max-queue-size", type=int, default=ServerSettings.max_queue_size, help="generation requests waiting at most"
+    )
     p.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument(
         "--cache-dir",
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve(pipeline, args: argparse.Namespace) -> None:
     """Warm up, then serve `pipeline` until SIGTERM/SIGINT."""
-    from api import ServerSettings, create_app
+    from api import create_app
 
     if args.lora_dir and not Path(args.lora_dir).is_dir():
         raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")

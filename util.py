@@ -310,10 +310,10 @@ def assign_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str) 
 
 def load_flow_model(config: ModelSpec, options: KernelOptions = KernelOptions()) -> nn.Module:
     """The flow transformer on `flux_device` in `flow_dtype`, fp8 linears if `flow_quantization_dtype` is qfloat8,
-    fp8 attention if `fp8_attention` (which sets `options.fp8_attention`)."""
+    fp8 attention if the config's `fp8_attention` or `options.fp8_attention` asks for it."""
     device = check_device(config.flux_device, "flux_device")
-    options = dataclasses.replace(options, fp8_attention=config.fp8_attention)
-    if config.fp8_attention:  # checked before any weight is read
+    options = dataclasses.replace(options, fp8_attention=config.fp8_attention or options.fp8_attention)
+    if options.fp8_attention:  # checked before any weight is read
         if device.type != "cuda":
             logger.warning(f"fp8_attention on {device}: torch ops emulate cuDNN's fp8 math, slower than the default")
         elif problem := fp8_attention.unsupported(device, config.params.hidden_size // config.params.num_heads):
@@ -328,7 +328,7 @@ def load_flow_model(config: ModelSpec, options: KernelOptions = KernelOptions())
         dtype = config.flow_torch_dtype
         sd = read_safetensors(config.ckpt_path, device, lambda k, t: {k: t.to(dtype)})
         assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
-    if config.fp8_attention:
+    if options.fp8_attention:
         logger.info("fp8 attention on: e4m3 q, k, v, probabilities and output (opt-in, not exact; see README)")
     return model.eval().requires_grad_(False)
 
