@@ -7,6 +7,7 @@ unloading the last LoRA restores the exact original tensors.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +55,21 @@ LoraDeltas = dict[str, list[LoraPart]]
 
 
 def read_lora(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A LoRA file's tensors and metadata; LoraError for anything that is not a readable safetensors file."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise LoraError(f"LoRA files must be .safetensors, got {path.name}")
-    if not path.is_file():
-        raise LoraError(f"LoRA file not found: {path}")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    try:
+        if not path.is_file():
+            raise LoraError(f"LoRA file not found: {path}")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except LoraError:
+        raise
+    except Exception as e:  # safetensors' errors (header, offsets, dtype), I/O errors, a header too large to hold
+        raise LoraError(
+            f"{path.name} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
 
 
 # ---- formats ---------------------------------------------------------------------------------------------
@@ -188,11 +197,57 @@ def _peft_alpha(metadata: dict[str, str]) -> float | None:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return None
-    config = json.loads(raw)
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        raise LoraError("metadata lora_adapter_metadata is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise LoraError(f"metadata lora_adapter_metadata must be a JSON object, not {type(config).__name__}")
     for key, value in config.items():
         if key.split(".")[-1] == "lora_alpha":
-            return float(value)
+            return _alpha(value, "metadata lora_alpha")
     return None
+
+
+def _alpha(value, where: str) -> float:
+    """A LoRA alpha: one finite, positive number."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not (value.is_floating_point() or value.dtype in _INTEGER):
+            raise LoraError(f"{where} must be one number, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise LoraError(f"{where} must be a number, got {type(value).__name__}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise LoraError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise LoraError(f"{where} must be finite and positive, got {number}")
+    return number
+
+
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _checked_pair(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(down, up, bias) of one LoRA pair after checking what fusing relies on; LoraError naming the key otherwise."""
+    down, up, bias = g["down"], g["up"], g.get("bias")
+    for part, t in (("lora_A/down", down), ("lora_B/up", up), ("bias", bias)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise LoraError(f"{key}: {part} must hold floating-point values, not {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise LoraError(f"{key}: {part} holds NaN or infinite values")
+    if down.ndim != 2 or up.ndim != 2:
+        raise LoraError(f"{key}: lora_A and lora_B must be 2-D matrices, got shapes {tuple(down.shape)} and "
+                        f"{tuple(up.shape)} (convolution LoRAs do not apply to FLUX)")  # fmt: skip
+    rank = down.shape[0]
+    if rank < 1 or up.shape[1] != rank:
+        raise LoraError(f"{key}: rank {rank} of lora_A {tuple(down.shape)} does not match lora_B {tuple(up.shape)}")
+    if bias is not None and (bias.ndim != 1 or bias.shape[0] != up.shape[0]):
+        raise LoraError(f"{key}: bias of shape {tuple(bias.shape)} does not match lora_B's {up.shape[0]} rows")
+    return down, up, bias
 
 
 def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, str] | None = None) -> LoraDeltas:
@@ -209,8 +264,8 @@ def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, st
         if "down" not in g or "up" not in g:
             unknown.append(key)
             continue
-        alpha = float(g["alpha"]) if "alpha" in g else file_alpha
-        bias = g.get("bias")
+        down, up, bias = _checked_pair(key, g)
+        alpha = _alpha(g["alpha"], f"{key}.alpha") if "alpha" in g else file_alpha
         name = key
         for prefix in ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "unet."):
             name = name.removeprefix(prefix)
@@ -238,8 +293,8 @@ def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, st
             unknown.append(key)
         for target, rows, swap in targets:
             if rows is not None and rows[1] is None:
-                rows = (rows[0], rows[0] + g["up"].shape[0])
-            out.setdefault(target, []).append(LoraPart(g["down"], g["up"], alpha, bias, rows, swap))
+                rows = (rows[0], rows[0] + up.shape[0])
+            out.setdefault(target, []).append(LoraPart(down, up, alpha, bias, rows, swap))
     if skipped_te:
         logger.warning(f"LoRA: ignoring {len(skipped_te)} text-encoder layers (only the flow model is adapted)")
     if unknown:
@@ -296,17 +351,31 @@ class LoraFuser:
                         f"LoRA shapes for {name!r} do not fit the layer ({module.in_features} in, "
                         f"{module.out_features} out)"
                     )
+                if p.bias is not None and module.bias is None:
+                    raise LoraError(f"LoRA has a bias for {name!r}, which has none")
 
     def put(self, lora: LoadedLora) -> None:
+        """Load `lora` (or replace the loaded one of its name): all of it, or nothing."""
         self.check(lora.deltas)
         previous = self.loaded.get(lora.name)
-        self.loaded[lora.name] = lora
-        self._refresh(set(lora.deltas) | (set(previous.deltas) if previous else set()))
+        self._change(lambda loaded: loaded.__setitem__(lora.name, lora), set(lora.deltas) | _layers(previous))
 
     def remove(self, name: str) -> LoadedLora:
-        lora = self.loaded.pop(name)
-        self._refresh(set(lora.deltas))
+        lora = self.loaded[name]
+        self._change(lambda loaded: loaded.pop(name), set(lora.deltas))
         return lora
+
+    def _change(self, edit, layers: set[str]) -> None:
+        """Apply `edit` to the loaded set and refresh `layers`; on any failure the loaded set and every weight go
+        back to what they were (recomputed from the pristine copies, as they were computed before)."""
+        before = dict(self.loaded)
+        edit(self.loaded)
+        try:
+            self._refresh(layers)
+        except BaseException:
+            self.loaded = before
+            self._refresh(layers)
+            raise
 
     @torch.no_grad()
     def back_up(self) -> int:
@@ -354,9 +423,9 @@ class LoraFuser:
                 weight[rows] += p.delta(scale).to(device)
                 b = p.bias_delta(scale)
                 if b is not None:
-                    if bias is None:
-                        raise LoraError(f"LoRA has a bias for {name!r}, which has none")
                     bias[rows] += b.to(device)
+            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+                raise LoraError(f"the LoRAs' sum for {name!r} overflows (values too large for the layer)")
             if isinstance(module, F8Linear):
                 q, s = quantize_weight(weight, module.weight_scaling == "per_channel")
                 module.weight.copy_(q)
@@ -368,6 +437,10 @@ class LoraFuser:
             self.dirty.add(name)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # copies finished: the change is complete when this returns
+
+
+def _layers(lora: LoadedLora | None) -> set[str]:
+    return set(lora.deltas) if lora is not None else set()
 
 
 def _host_copy(t: Tensor, pinned: bool) -> Tensor:

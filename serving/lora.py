@@ -7,6 +7,7 @@ from pathlib import Path, PurePath
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from errors import LoraNotLoaded
 from serving.auth import require_api_key
 from serving.jobs import run_job
 from serving.schemas import LoraRequest
@@ -29,10 +30,14 @@ def resolve_lora_path(lora_dir: Path, requested: str) -> Path:
     if pure.suffix != ".safetensors":
         raise HTTPException(400, "only .safetensors LoRA files are accepted")
     root = lora_dir.resolve()
-    full = (root / pure).resolve()
-    if not full.is_relative_to(root):
+    try:
+        full = (root / pure).resolve()
+        inside, exists = full.is_relative_to(root), full.is_file()
+    except (OSError, RuntimeError):  # a name too long for the file system, a symlink loop
+        raise HTTPException(400, "path cannot be resolved") from None
+    if not inside:
         raise HTTPException(403, "path leads outside the LoRA directory")
-    if not full.is_file():
+    if not exists:
         raise HTTPException(404, "no such LoRA file")
     return full
 
@@ -67,7 +72,12 @@ async def lora(body: LoraRequest, request: Request) -> JSONResponse:
         name = await run_job(load, request)
         return JSONResponse({"status": "loaded", "name": name, "scale": body.scale})
 
-    key = body.name if body.name is not None else str(resolve_lora_path(lora_dir, body.path))
+    if body.name is not None:  # by name only: a server path given as a name must not find its LoRA
+        key = body.name
+        if key not in {lora["name"] for lora in pipeline.list_loras()}:
+            raise LoraNotLoaded(key)
+    else:
+        key = str(resolve_lora_path(lora_dir, body.path))
 
     def unload(cancel: threading.Event) -> None:
         pipeline.unload_lora(key)

@@ -70,6 +70,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, *args: str, env: dict | None = None):
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "main.py", "--config-path", str(TINY_CONFIG), "--port", str(self.port), *args]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -39,6 +40,10 @@ def lora_dir(tmp_path_factory, tiny_cfg):
     save_file(lora, root / "outside.safetensors")
     (root / "loras" / "escape.safetensors").symlink_to(root / "outside.safetensors")
     (root / "loras" / "notes.txt").write_text("not a lora")
+    (root / "loras" / "loop.safetensors").symlink_to(root / "loras" / "loop.safetensors")
+    (root / "loras" / "broken.safetensors").write_text("not tensors")
+    nan = dict(lora, **{"single_blocks.1.linear2.lora_A.weight": torch.full((4, 5 * h), float("nan"))})
+    save_file(nan, root / "loras" / "nan.safetensors")
     return root / "loras"
 
 
@@ -172,6 +177,8 @@ def test_unknown_routes_are_json(server):
         ("notes.txt", 400),
         ("missing.safetensors", 404),
         ("..\\outside.safetensors", 400),
+        ("x" * 300 + ".safetensors", 400),
+        ("loop.safetensors", 400),
     ],
 )
 def test_lora_paths_outside_the_directory_are_refused(server, path, status, lora_dir):
@@ -179,6 +186,30 @@ def test_lora_paths_outside_the_directory_are_refused(server, path, status, lora
     assert r.status_code == status, r.text
     assert str(lora_dir) not in r.text
     assert httpx.get(f"{server.url}/lora").json() == {"loras": []}
+
+
+@pytest.mark.parametrize("name", ["broken.safetensors", "nan.safetensors"])
+def test_unusable_lora_files_are_400_and_change_nothing(server, name):
+    before = server.post("/generate", json=SMALL).content
+    with httpx.Client(base_url=server.url, timeout=60) as client:  # one keep-alive connection throughout
+        r = client.post("/lora", json={"path": name})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request", r.text
+        assert client.get("/lora").json() == {"loras": []}
+        assert client.post("/generate", json=SMALL).content == before
+
+
+def test_unload_by_name_does_not_confirm_server_paths(server):
+    assert server.post("/lora", json={"path": "good.safetensors"}).status_code == 200
+    try:
+        full = str(server_lora_dir(server).resolve() / "good.safetensors")
+        assert server.post("/lora", json={"name": full, "action": "unload"}).status_code == 404
+        assert [lora["name"] for lora in httpx.get(f"{server.url}/lora").json()["loras"]] == ["good"]
+    finally:
+        assert server.post("/lora", json={"name": "good", "action": "unload"}).status_code == 200
+
+
+def server_lora_dir(server) -> Path:
+    return Path(server.args[server.args.index("--lora-dir") + 1])
 
 
 def test_lora_changes_the_image_and_unload_restores_the_exact_bytes(server):
