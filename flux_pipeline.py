@@ -21,7 +21,8 @@ from errors import Cancelled, InvalidInput, LoraError, LoraNotLoaded
 from float8_quantize import match_device
 from images import cover_crop, encode_image, load_image, to_tensor
 from kernels.options import KernelOptions
-from lora_loading import LoadedLora, LoraFuser, convert_lora, read_lora
+from lora_fusing import LoadedLora, LoraFuser
+from lora_loading import convert_lora, read_lora
 from modules import sampling
 from modules.conditioner import HFEmbedder
 from modules.emphasis import parse_emphasis

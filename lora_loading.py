@@ -1,24 +1,22 @@
-"""LoRA files in the common formats -> low-rank deltas on BFL module names, and fusing them into the model.
+"""LoRA files in the common formats -> checked low-rank deltas on BFL module names (`lora_fusing` fuses them).
 
 Each format has a pure converter `state_dict -> {BFL module name: [LoraPart]}`; a part may cover a row block
-of a fused BFL layer (diffusers' to_q/to_k/to_v inside `qkv` or `linear1`). Fusing keeps every touched
-layer's pristine weights on the CPU, so weights are always `pristine + sum of the loaded LoRAs' deltas` and
-unloading the last LoRA restores the exact original tensors.
+of a fused BFL layer (diffusers' to_q/to_k/to_v inside `qkv` or `linear1`). Every pair is checked here (dtype,
+finite values, shapes, rank, bias, alpha) so that fusing never meets a tensor it cannot apply.
 """
 
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from loguru import logger
 from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 
 from errors import LoraError
-from float8_quantize import F8Linear, dequantize_weight, quantize_weight
 
 
 @dataclass
@@ -302,160 +300,3 @@ def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, st
     if not out:
         raise LoraError(f"no usable LoRA keys for the flow model; keys look like {list(sd)[:5]}")
     return out
-
-
-# ---- fusing ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedLora:
-    name: str
-    path: str | None
-    scale: float
-    deltas: LoraDeltas
-
-
-@dataclass
-class LoraFuser:
-    """Keeps `model`'s touched layers equal to pristine + the sum of every loaded LoRA's delta.
-
-    A layer's pristine tensors are copied to host memory the first time a LoRA touches it and kept from then on,
-    so later loads, swaps and unloads move no weights off the GPU. Layers that hold their pristine values (not in
-    `dirty`) are read in place: a swap uploads nothing either. `pin_backups`: the copies in pinned memory, which
-    costs more to take once and makes every later swap several times faster (bench/RESULTS.md, bench_lora).
-    """
-
-    model: nn.Module
-    pin_backups: bool = True
-    loaded: dict[str, LoadedLora] = field(default_factory=dict)
-    pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # host copies
-    dirty: set[str] = field(default_factory=set)  # layers that hold pristine + deltas
-
-    def modules(self) -> dict[str, nn.Module]:
-        return dict(self.model.named_modules())
-
-    def check(self, deltas: LoraDeltas) -> None:
-        modules = self.modules()
-        for name, parts in deltas.items():
-            module = modules.get(name)
-            if not isinstance(module, (nn.Linear, F8Linear)):
-                raise LoraError(f"LoRA targets {name!r}, which is not a linear layer of this model")
-            for p in parts:
-                rows = p.rows or (0, module.out_features)
-                if (
-                    p.down.shape[1] != module.in_features
-                    or p.up.shape[0] != rows[1] - rows[0]
-                    or rows[1] > module.out_features
-                ):
-                    raise LoraError(
-                        f"LoRA shapes for {name!r} do not fit the layer ({module.in_features} in, "
-                        f"{module.out_features} out)"
-                    )
-                if p.bias is not None and module.bias is None:
-                    raise LoraError(f"LoRA has a bias for {name!r}, which has none")
-
-    def put(self, lora: LoadedLora) -> None:
-        """Load `lora` (or replace the loaded one of its name): all of it, or nothing."""
-        self.check(lora.deltas)
-        previous = self.loaded.get(lora.name)
-        self._change(lambda loaded: loaded.__setitem__(lora.name, lora), set(lora.deltas) | _layers(previous))
-
-    def remove(self, name: str) -> LoadedLora:
-        lora = self.loaded[name]
-        self._change(lambda loaded: loaded.pop(name), set(lora.deltas))
-        return lora
-
-    def _change(self, edit, layers: set[str]) -> None:
-        """Apply `edit` to the loaded set and refresh `layers`; on any failure the loaded set and every weight go
-        back to what they were (recomputed from the pristine copies, as they were computed before)."""
-        before = dict(self.loaded)
-        edit(self.loaded)
-        try:
-            self._refresh(layers)
-        except BaseException:
-            self.loaded = before
-            self._refresh(layers)
-            raise
-
-    @torch.no_grad()
-    def back_up(self) -> int:
-        """Take the pristine copies of every linear layer now (those not taken yet); returns how many."""
-        taken = 0
-        for name, module in self.modules().items():
-            if isinstance(module, (nn.Linear, F8Linear)) and name not in self.pristine:
-                self._keep_pristine(name, _state(module))
-                taken += 1
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return taken
-
-    def _keep_pristine(self, name: str, state: tuple[Tensor, ...]) -> None:
-        assert name not in self.dirty  # a dirty layer always has its copy: it was taken before the first change
-        self.pristine[name] = tuple(_host_copy(t, self.pin_backups) for t in state)
-
-    @torch.no_grad()
-    def _refresh(self, names: set[str]) -> None:
-        modules = self.modules()
-        for name in sorted(names):
-            module = modules[name]
-            state = _state(module)
-            if name not in self.pristine:
-                self._keep_pristine(name, state)
-            parts = [(p, lora.scale) for lora in self.loaded.values() for p in lora.deltas.get(name, [])]
-            if not parts:  # nothing left on this layer: the exact original tensors
-                if name in self.dirty:
-                    for t, orig in zip(state, self.pristine[name], strict=True):
-                        t.copy_(orig, non_blocking=True)
-                    self.dirty.discard(name)
-                continue
-            device = module.weight.device
-            orig = (
-                state if name not in self.dirty else tuple(t.to(device, non_blocking=True) for t in self.pristine[name])
-            )
-            # float32 working copies (never views of the pristine tensors)
-            if isinstance(module, F8Linear):
-                weight = dequantize_weight(orig[0], orig[1])
-            else:
-                weight = orig[0].to(device, torch.float32, copy=True)
-            bias = orig[-1].to(device, torch.float32, copy=True) if module.bias is not None else None
-            for p, scale in parts:
-                rows = slice(*p.rows) if p.rows else slice(None)
-                weight[rows] += p.delta(scale).to(device)
-                b = p.bias_delta(scale)
-                if b is not None:
-                    bias[rows] += b.to(device)
-            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-                raise LoraError(f"the LoRAs' sum for {name!r} overflows (values too large for the layer)")
-            if isinstance(module, F8Linear):
-                q, s = quantize_weight(weight, module.weight_scaling == "per_channel")
-                module.weight.copy_(q)
-                module.weight_scale.copy_(s)
-            else:
-                module.weight.copy_(weight)
-            if bias is not None:
-                module.bias.copy_(bias)
-            self.dirty.add(name)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # copies finished: the change is complete when this returns
-
-
-def _layers(lora: LoadedLora | None) -> set[str]:
-    return set(lora.deltas) if lora is not None else set()
-
-
-def _host_copy(t: Tensor, pinned: bool) -> Tensor:
-    """A host copy of `t`; pinned, it is taken without waiting (same-stream order keeps it safe)."""
-    if t.device.type != "cuda" or not pinned:
-        return t.detach().to("cpu", copy=True)
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    return host.copy_(t.detach(), non_blocking=True)
-
-
-def _state(module: nn.Module) -> tuple[Tensor, ...]:
-    """The tensors a LoRA may change, in place-copyable form: (weight[, weight_scale][, bias])."""
-    tensors = [module.weight.data]
-    if isinstance(module, F8Linear):
-        tensors.append(module.weight_scale)
-    if module.bias is not None:
-        tensors.append(module.bias.data)
-    return tuple(tensors)
