@@ -4,7 +4,6 @@ as JPEG, PNG or WebP. One home for both, shared by `FluxPipeline.generate` and t
 import base64
 import binascii
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +14,34 @@ from torch import Tensor
 
 from errors import InvalidInput
 
-MAX_INPUT_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs before decoding them
+MAX_INPUT_PIXELS = 6000 * 6000  # a large camera photo; refused before decoding (memory grows 4 bytes a pixel)
+MAX_ASPECT = 64  # longest side over shortest: past this an image is a strip, not a picture to start from
+DECODERS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # the common raster formats; Pillow knows many more
 
 
 def decode_base64_image(data: str) -> Image.Image:
-    """A base64 string or a `data:image/...;base64,` URL -> PIL image; InvalidInput if it is neither."""
+    """A base64 string or a `data:image/...;base64,` URL -> PIL image; InvalidInput if it is neither. Line breaks
+    and spaces inside the base64 (as `base64` tools wrap it) are allowed."""
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if ";base64" not in header:
             raise InvalidInput("init_image data URL must be base64-encoded")
     try:
-        raw = base64.b64decode(data, validate=True)
+        raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("init_image is not valid base64") from None
     return open_image_bytes(raw)
 
 
 def open_image_bytes(raw: bytes) -> Image.Image:
+    """Decode one image of the `DECODERS` formats, its size checked before its pixels are decoded."""
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise InvalidInput(f"init_image is {image.width}x{image.height}: too many pixels")
+        image = Image.open(io.BytesIO(raw), formats=DECODERS)
+        w, h = image.size
+        if w * h > MAX_INPUT_PIXELS:
+            raise InvalidInput(f"init_image is {w}x{h}: more than {MAX_INPUT_PIXELS} pixels")
+        if min(w, h) < 1 or max(w, h) > MAX_ASPECT * min(w, h):
+            raise InvalidInput(f"init_image is {w}x{h}: sides more than {MAX_ASPECT} times apart")
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise InvalidInput(f"init_image could not be decoded as an image ({type(e).__name__})") from None
@@ -76,12 +82,15 @@ def _from_array(array: np.ndarray) -> Image.Image:
 
 
 def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize keeping the aspect ratio so the image covers width x height, then crop the centre."""
-    scale = max(width / image.width, height / image.height)
-    size = (max(width, math.ceil(image.width * scale)), max(height, math.ceil(image.height * scale)))
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    """The centre of the image at the width:height aspect, resized to width x height: the image covers the output
+    with no border. Cropped before resizing, so the work is bounded by the output size and the crop, never by a
+    resized copy of the whole image."""
+    w, h = image.size
+    crop_w, crop_h = (h * width / height, h) if w * height > h * width else (w, w * height / width)
+    if crop_w < 1 or crop_h < 1:
+        raise InvalidInput(f"init_image of {w}x{h} has no {width}:{height} region to start from")
+    left, top = (w - crop_w) / 2, (h - crop_h) / 2
+    return image.resize((width, height), Image.Resampling.LANCZOS, box=(left, top, left + crop_w, top + crop_h))
 
 
 def to_tensor(image: Image.Image) -> Tensor:

@@ -4,9 +4,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -94,6 +96,8 @@ def test_img2img_over_http(server):
     a = server.post("/generate", json=dict(SMALL, init_image=b64, strength=0.5))
     b = server.post("/generate", json=dict(SMALL, init_image=f"data:image/png;base64,{b64}", strength=0.5))
     assert a.status_code == 200 and a.content == b.content and a.content != server.post("/generate", json=SMALL).content
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))  # as `base64` tools print it
+    assert server.post("/generate", json=dict(SMALL, init_image=wrapped, strength=0.5)).content == a.content
 
 
 BAD = [
@@ -116,7 +120,36 @@ BAD = [
     ("output_format", {"output_format": "gif"}),
     ("jpeg_quality", {"jpeg_quality": 0}),
     ("colour", {"colour": 1}),
+    ("num_steps", {"num_steps": True}),  # no bool-as-int: `true` is not one step
+    ("seed", {"seed": "7"}),
+    ("width", {"width": 256.0}),
+    ("init_image", {"init_image": None}),  # replaced below: an image 16x1048576 (23 KB of base64)
+    ("init_image", {"init_image": None}),  # replaced below: a PNG declaring 8192x8192
+    ("init_image", {"init_image": None}),  # replaced below: a format outside the common raster ones (ICO)
 ]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height (its pixels are never read: the size check comes first)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def _strip() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (16, 1_048_576)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _ico() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="ICO")
+    return buffer.getvalue()
+
+
+for _i, _raw in zip(range(-3, 0), (_strip(), _png_header(8192, 8192), _ico()), strict=True):
+    BAD[_i] = ("init_image", {"init_image": base64.b64encode(_raw).decode()})
 
 
 @pytest.mark.parametrize("field,change", BAD, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD)])
