@@ -9,7 +9,9 @@ from loguru import logger
 
 from flux_pipeline import FluxPipeline
 from serving import generate, health, http_errors, lora
+from serving.auth import ApiKeyGuard
 from serving.body_limit import BodyLimit
+from serving.request_context import RequestContext
 from serving.settings import ServerSettings
 from serving.worker import Worker
 
@@ -31,7 +33,10 @@ def create_app(pipeline: FluxPipeline, settings: ServerSettings | None = None) -
         await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="flux-fp8-api", lifespan=lifespan)
+    # outermost last: every request gets its id, then the key is checked, then the body is bounded as it is read
     app.add_middleware(BodyLimit)
+    app.add_middleware(ApiKeyGuard, key=settings.api_key, public_docs=settings.public_docs)
+    app.add_middleware(RequestContext)
     app.state.pipeline = pipeline
     app.state.settings = settings
     app.state.lora_dir = Path(settings.lora_dir).resolve() if settings.lora_dir else None
@@ -48,4 +53,14 @@ def create_app(pipeline: FluxPipeline, settings: ServerSettings | None = None) -
     http_errors.install(app)
     for module in (health, generate, lora):
         app.include_router(module.router)
+    build_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # the error shape every documented error status refers to
+            schema = build_schema()
+            schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = http_errors.ERROR_SCHEMA
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

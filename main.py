@@ -3,7 +3,9 @@
 import argparse
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +28,8 @@ COMPILE_CACHES = {
     "TRITON_CACHE_DIR": "triton",
     "TORCH_EXTENSIONS_DIR": "torch_extensions",
 }
+MAX_CONNECTIONS = 64
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 QUANT_CHOICES = {
     "qfloat8": "qfloat8",
     "qint2": "qint2",
@@ -36,11 +40,29 @@ QUANT_CHOICES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")  # one line, not the whole usage
+
+
+def ranged(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high}]")
+        return value
+
+    return parse
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     S = argparse.SUPPRESS  # flags not given stay absent, so a config file's values stand
-    p = argparse.ArgumentParser(description="flux-fp8-api: FLUX.1 image generation server")
+    p = Parser(description="flux-fp8-api: FLUX.1 image generation server")
     p.add_argument("--config-path", "-c", help="JSON config (flags given with it override its keys)")
-    p.add_argument("--port", "-p", type=int, default=8088)
+    p.add_argument("--port", "-p", type=ranged(1, 65535), default=8088)
     p.add_argument("--host", "-H", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
     p.add_argument("--flow-model-path", "-f", dest="ckpt_path", default=S)
     p.add_argument("--text-enc-path", "-t", dest="text_enc_path", default=S)
@@ -63,8 +85,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize-flow-embedder-layers", "-qfl", action="store_true", default=S)
     p.add_argument("--lora-dir", help="directory that POST /lora may load LoRA files from")
     p.add_argument(
-        "--max-queue-size", type=int, default=ServerSettings.max_queue_size, help="generation requests waiting at most"
+        "--max-queue-size",
+        type=ranged(1, 10_000),
+        default=ServerSettings.max_queue_size,
+        help="generation requests waiting at most",
     )
+    p.add_argument(
+        "--max-connections",
+        type=ranged(1, 100_000),
+        default=MAX_CONNECTIONS,
+        help="open connections at most; beyond them new requests are answered 503",
+    )
+    p.add_argument("--public-docs", action="store_true", help="/docs and /openapi.json open even with --api-key")
     p.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument(
         "--cache-dir",
@@ -158,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.cache_dir:
         use_cache_dir(args.cache_dir)
+    listener = None
+    if args.prompt is None:  # mistakes a server would meet only after minutes of loading, found first
+        if args.lora_dir and not Path(args.lora_dir).is_dir():
+            raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")
+        listener = listen(args.host, args.port)
     from util import DEFAULTS  # after use_cache_dir: see the note at the top
 
     for key in ("width", "height", "guidance"):
@@ -175,34 +212,67 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.output).write_bytes(jpeg.getvalue())
         logger.info(f"wrote {args.output} (seed {seed})")
         return
-    serve(pipeline, args)
+    serve(pipeline, args, listener)
 
 
-def serve(pipeline, args: argparse.Namespace) -> None:
-    """Warm up, then serve `pipeline` until SIGTERM/SIGINT."""
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a busy port or a wrong address is one line before anything loads."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        raise SystemExit(f"error: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
+    """Warm up, then serve `pipeline` on `listener` until SIGTERM/SIGINT."""
     from api import create_app
 
-    if args.lora_dir and not Path(args.lora_dir).is_dir():
-        raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")
     start = time.perf_counter()
     pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # first-call costs (kernels, allocator) paid here
     logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
     if args.lora_dir:  # LoRA requests will come: pay for the pristine weight copies now, not on the first one
         pipeline.prepare_loras()
-    app = create_app(pipeline, ServerSettings(args.max_queue_size, args.api_key, args.lora_dir))
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    settings = ServerSettings(args.max_queue_size, args.api_key, args.lora_dir, args.public_docs)
+    app = create_app(pipeline, settings)
+    config = uvicorn.Config(
+        app,
+        log_level="info",
+        limit_concurrency=args.max_connections,
+        timeout_keep_alive=KEEP_ALIVE_S,
+    )
     logger.info(f"serving on http://{args.host}:{args.port}" + (" (API key required)" if args.api_key else ""))
-    server.run()
+    DrainingServer(config).run(sockets=[listener])
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: health and new requests answer 503, queued jobs fail, the running job finishes, then
-    uvicorn closes the connections and the process exits 0."""
+    """The first SIGTERM/SIGINT drains: health and new requests answer 503 on open sockets, queued jobs fail, and
+    once the running job is done uvicorn closes the connections and the process exits 0. A second one stops the
+    running job between steps and exits at once."""
+
+    draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        drain = getattr(self.config.app.state, "drain", None)
-        if drain is not None and not self.should_exit:
-            drain()
+        state = self.config.app.state
+        if not self.draining:
+            self.draining = True
+            state.drain()
+            threading.Thread(target=self._exit_when_idle, args=(sig, frame), daemon=True).start()
+            return
+        if state.worker.cancel_running():
+            logger.info("second signal: the running job is cancelled")
+        self._exit(sig, frame)
+
+    def _exit_when_idle(self, sig, frame) -> None:
+        while self.config.app.state.worker.running:
+            time.sleep(0.05)
+        self._exit(sig, frame)
+
+    def _exit(self, sig, frame) -> None:
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:  # a drained SIGTERM is a clean exit (0); uvicorn would re-raise it
             captured = getattr(self, "_captured_signals", [])

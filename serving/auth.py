@@ -1,13 +1,31 @@
-"""The optional API key: `Authorization: Bearer KEY` on the routes that depend on `require_api_key`."""
+"""The optional API key, checked before a request's body is read: `Authorization: Bearer KEY` (the scheme in any
+case) on every route but /health (and the docs, with `--public-docs`)."""
 
 import secrets
 
-from fastapi import HTTPException, Request
+from serving.http_errors import error
+
+OPEN = ("/health",)
+DOCS = ("/docs", "/redoc", "/openapi.json")
 
 
-async def require_api_key(request: Request) -> None:
-    key = request.app.state.settings.api_key
-    if key:
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise HTTPException(401, "missing or wrong API key", {"WWW-Authenticate": "Bearer"})
+def authorised(header: str | None, key: str) -> bool:
+    scheme, _, token = (header or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
+
+class ApiKeyGuard:
+    """ASGI middleware: 401 before anything of the request is read when the key is missing or wrong."""
+
+    def __init__(self, app, key: str | None, public_docs: bool = False):
+        self.app, self.key = app, key
+        self.open = OPEN + DOCS if public_docs else OPEN
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.key or scope["path"].startswith(self.open):
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+        if not authorised(header, self.key):
+            response = error(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)

@@ -1,17 +1,26 @@
-"""ASGI middleware that refuses request bodies over a size limit, declared or streamed, before they are read."""
+"""ASGI middleware that bounds request bodies: over a size limit (declared or streamed) 413 before they are read,
+and a body that does not arrive within a time limit 408, so a client that trickles cannot hold a connection."""
 
-from fastapi import HTTPException
+import asyncio
+import time
 
 from serving.http_errors import error
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a 20 MB image in base64 plus the other fields
+BODY_SECONDS = 60.0  # for the whole body: 32 MB at ~4 Mbit/s
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyTooSlow(Exception):
+    pass
 
 
 class BodyLimit:
-    """413 for request bodies over `limit` bytes."""
-
-    def __init__(self, app, limit: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int = MAX_BODY_BYTES, seconds: float = BODY_SECONDS):
+        self.app, self.limit, self.seconds = app, limit, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -19,14 +28,32 @@ class BodyLimit:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await error(413, f"request body over {self.limit} bytes")(scope, receive, send)
-        seen = 0
+        seen, deadline, started, complete = 0, time.monotonic() + self.seconds, False, False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: later messages (a disconnect) come when they come
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                raise BodyTooSlow from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise HTTPException(413, f"request body over {self.limit} bytes")
+                raise BodyTooLarge
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        return await self.app(scope, limited_receive, send)
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            return await self.app(scope, limited_receive, tracking_send)
+        except (BodyTooLarge, BodyTooSlow) as e:
+            if started:
+                raise
+            status, text = (413, f"request body over {self.limit} bytes") if isinstance(e, BodyTooLarge) else (
+                408, f"request body not received within {self.seconds:.0f} s")  # fmt: skip
+            return await error(status, text, headers={"Connection": "close"})(scope, receive, send)

@@ -1,10 +1,10 @@
 """The JSON error shape `{"error": {"message", "type"}}` for every failure, and the handlers that map the
-library's exceptions (by type) and HTTP errors to it. No stack trace reaches a client."""
+library's exceptions (by type) and HTTP errors to it. No stack trace reaches a client; unexpected errors are
+`request_context`'s."""
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from errors import Cancelled, InvalidInput, LoraError, LoraNotLoaded
@@ -16,6 +16,7 @@ KINDS = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "too_large",
     422: "invalid_request",
     429: "queue_full",
@@ -28,16 +29,55 @@ def error(status: int, message: str, kind: str | None = None, headers: dict | No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# every status a route may answer besides 200, for the OpenAPI schema
+RESPONSES = {
+    status: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for status, text in (
+        (400, "unusable input (a LoRA file, a path)"),
+        (401, "missing or wrong API key"),
+        (403, "forbidden (a path outside the LoRA directory, LoRA loading off)"),
+        (404, "not found (a LoRA file, a loaded LoRA)"),
+        (408, "the request body did not arrive in time"),
+        (413, "request body too large"),
+        (422, "invalid request: the message names the field"),
+        (429, "queue full: retry after Retry-After seconds"),
+        (500, "unexpected error (logged with the request id; the connection is closed)"),
+        (503, "starting, shutting down, cancelled, or out of GPU memory"),
+    )
+}
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
+            "required": ["message", "type"],
+        }
+    },
+    "required": ["error"],
+}
+
+MAX_PROBLEMS = 10  # a body with a million bad keys gets a short answer, never its input echoed
+MAX_MESSAGE = 2000
+
+
+def validation_message(errors: list[dict]) -> str:
+    """'field: problem; ...' for pydantic's errors, bounded in count and length (no input values echoed)."""
+    problems = []
+    for err in errors[:MAX_PROBLEMS]:
+        loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+        problems.append(f"{loc}: {err['msg']}"[:200])
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"... and {len(errors) - MAX_PROBLEMS} more")
+    return "; ".join(problems)[:MAX_MESSAGE]
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-            problems.append(f"{loc}: {err['msg']}")
-        return error(422, "; ".join(problems))
+        return error(422, validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -60,8 +100,3 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Cancelled)
     async def _cancelled(request: Request, exc: Cancelled) -> JSONResponse:
         return error(503, str(exc), headers={"Retry-After": RETRY_AFTER_S})
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.opt(exception=exc).error(f"{request.method} {request.url.path} failed")
-        return error(500, "internal error", "internal_error")

@@ -4,15 +4,15 @@ import re
 import threading
 from pathlib import Path, PurePath
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from errors import LoraNotLoaded
-from serving.auth import require_api_key
+from serving.http_errors import RESPONSES
 from serving.jobs import run_job
-from serving.schemas import LoraRequest
+from serving.schemas import LoraRequest, documented, parse
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(responses=RESPONSES)
 
 
 def resolve_lora_path(lora_dir: Path, requested: str) -> Path:
@@ -57,8 +57,9 @@ async def list_loras(request: Request) -> JSONResponse:
     return JSONResponse({"loras": loras})
 
 
-@router.post("/lora")
-async def lora(body: LoraRequest, request: Request) -> JSONResponse:
+@router.post("/lora", openapi_extra=documented(LoraRequest))
+async def lora(request: Request) -> JSONResponse:
+    body = await parse(request, LoraRequest)
     lora_dir: Path | None = request.app.state.lora_dir
     pipeline = request.app.state.pipeline
     if lora_dir is None:

@@ -1,9 +1,12 @@
 """Request bodies, validated once at the edge (pydantic): limits from `util.LIMITS`, defaults from `util.DEFAULTS`."""
 
+import asyncio
 from typing import Literal
 
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from images import FORMATS, decode_base64_image
 from util import DEFAULTS, LIMITS
@@ -58,3 +61,19 @@ class LoraRequest(BaseModel):
         if self.path is None and (self.action == "load" or self.name is None):
             raise ValueError("path is required (unload also takes a name)")
         return self
+
+
+async def parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The request's JSON body as `model`, parsed and validated in a worker thread: a large body (an image in
+    base64, a million keys) never holds the event loop. Errors are the 422 the route's own validation gives."""
+    raw = await request.body()  # bounded in size and time by `body_limit`
+    try:
+        return await asyncio.to_thread(model.model_validate_json, raw or b"null")
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_input=False, include_url=False)) from None
+
+
+def documented(model: type[BaseModel]) -> dict:
+    """`openapi_extra` that documents `model` as the JSON request body of a route that reads it with `parse`."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -8,3 +8,4 @@ class ServerSettings:
     max_queue_size: int = 8  # jobs waiting at most; one more gets 429
     api_key: str | None = None  # `Authorization: Bearer KEY` on every route but /health
     lora_dir: str | None = None  # POST /lora loads files from here only; None: LoRA loading off
+    public_docs: bool = False  # /docs and /openapi.json open even with an API key

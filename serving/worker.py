@@ -28,6 +28,7 @@ class Worker:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue_size)
         self.thread = threading.Thread(target=self._loop, name="gpu-worker", daemon=True)
         self.running = 0
+        self.current: Job | None = None  # the job running now
         self.completed = 0
         self.cancelled = 0
 
@@ -57,6 +58,13 @@ class Worker:
                 job.future.set_exception(Cancelled(reason))
             dropped += 1
 
+    def cancel_running(self) -> bool:
+        """Ask the running job to stop between steps; whether there was one."""
+        job = self.current
+        if job is not None:
+            job.cancel.set()
+        return job is not None
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish the running job, fail the queued ones, end the thread."""
         self.drop_queued("server shutting down")
@@ -72,7 +80,7 @@ class Worker:
                 self.cancelled += 1
                 job.future.set_exception(Cancelled("cancelled before it started"))
                 continue
-            self.running = 1
+            self.running, self.current = 1, job
             try:
                 job.future.set_result(job.run(job.cancel))
                 self.completed += 1
@@ -82,4 +90,4 @@ class Worker:
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
                 job.future.set_exception(e)
             finally:
-                self.running = 0
+                self.running, self.current = 0, None

@@ -61,6 +61,9 @@ def f8_from(linear: nn.Linear, weight_scaling: str, activation_scaling: str) -> 
 
 # ---- the real server ---------------------------------------------------------------------------------------
 
+SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_steps": 3, "seed": 7}  # a request in ~0.2 s
+SLOW = {"prompt": "slow", "width": 512, "height": 512, "num_steps": 30, "seed": 1}  # one that runs for seconds
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -113,7 +113,6 @@ def image_hashes_in_subprocesses(count: int, extra: str = "") -> list[str]:
 
 
 def test_two_processes_give_the_same_jpeg(fp8_pipeline):
-    first, second = image_hashes_in_subprocesses(2)
-    assert first == second
+    (there,) = image_hashes_in_subprocesses(1)  # a fresh process against this one
     here = fp8_pipeline.generate("a lighthouse", width=128, height=96, num_steps=3, seed=11, silent=True)
-    assert hashlib.sha256(here.getvalue()).hexdigest() == first
+    assert hashlib.sha256(here.getvalue()).hexdigest() == there
