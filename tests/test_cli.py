@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 from float8_quantize import F8Linear
 from flux_pipeline import WARM_UP_SIZES, FluxPipeline
@@ -84,24 +83,6 @@ def test_bad_flag_value_is_a_clear_error():
         timeout=120,
     )
     assert out.returncode != 0 and "flux_device" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_one_image_mode_with_a_cache_dir(tmp_path):
-    """One image written; --cache-dir holds the bytecode of what it imported, even under PYTHONDONTWRITEBYTECODE
-    (an installation without .pyc files would otherwise compile every module at every start)."""
-    out_file, cache = tmp_path / "demo.jpg", tmp_path / "cache"
-    cmd = [sys.executable, "main.py", "-c", str(TINY_CONFIG), "--prompt", "a lighthouse", "--width", "256",
-           "--height", "128", "--num-steps", "2", "--seed", "3", "-o", str(out_file),
-           "--cache-dir", str(cache)]  # fmt: skip
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert Image.open(out_file).size == (256, 128)
-    tag = sys.implementation.cache_tag
-    own = cache / "pycache" / ROOT.resolve().relative_to("/") / f"flux_pipeline.{tag}.pyc"
-    assert own.is_file() and own.stat().st_size > 1000
-    assert any((cache / "pycache").rglob(f"torch/__init__.{tag}.pyc"))  # installed packages' bytecode too
-    assert f"start-up caches in {cache.resolve()}" in out.stderr
 
 
 def test_cache_dir_that_cannot_be_made_is_a_clear_error(tmp_path, monkeypatch):

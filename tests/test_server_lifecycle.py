@@ -1,8 +1,8 @@
-"""The server's own settings and lifecycle: API key, queue limit, LoRA loading off, client disconnects, SIGTERM
-draining, start-up mistakes, out-of-memory. (The request-level behaviour is in test_server.py.)"""
+"""The server's lifecycle and the app's own wiring: SIGTERM draining, a second signal, start-up mistakes,
+out-of-memory and unexpected errors, public docs. (The key, the queue and attacks: test_server_under_attack.py;
+request-level behaviour: test_server.py.)"""
 
 import io
-import json
 import socket
 import subprocess
 import sys
@@ -10,80 +10,15 @@ import threading
 import time
 
 import httpx
-import pytest
 import torch
 import uvicorn
+from loguru import logger
 from PIL import Image
 
 from api import create_app
-from main import parse_args
+from serving.auth import authorised
+from serving.settings import ServerSettings
 from tests.helpers import ROOT, SLOW, SMALL, TINY_CONFIG, free_port, running_server
-
-
-@pytest.fixture(scope="module")
-def strict_server():
-    """A server started with an API key, a queue of one, and no LoRA directory."""
-    with running_server("--api-key", "s3cret", "--max-queue-size", "1") as s:
-        yield s
-
-
-AUTH = {"Authorization": "Bearer s3cret"}
-
-
-def test_lora_endpoint_is_off_without_a_directory(strict_server):
-    assert strict_server.post("/lora", json={"path": "good.safetensors"}, headers=AUTH).status_code == 403
-
-
-def test_queue_full_is_429_and_running_jobs_finish(strict_server):
-    s = strict_server
-    results = {}
-
-    def call(i):
-        results[i] = s.post("/generate", json=dict(SLOW, seed=i), headers=AUTH)
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
-    threads[0].start()
-    deadline = time.monotonic() + 30
-    while s.health()["running"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    threads[1].start()
-    while s.health()["queued"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    r = s.post("/generate", json=SMALL, headers=AUTH)
-    assert r.status_code == 429 and r.headers["retry-after"].isdigit()
-    assert r.json()["error"]["type"] == "queue_full" or "queue" in r.json()["error"]["message"]
-    for t in threads:
-        t.join(120)
-    assert [results[i].status_code for i in range(2)] == [200, 200]
-
-
-def test_client_disconnect_cancels_its_job(strict_server):
-    s = strict_server
-    before = s.health()["cancelled"]
-    with pytest.raises(httpx.ReadTimeout):
-        s.post("/generate", json=dict(SLOW, num_steps=100), headers=AUTH, timeout=1.0)
-    deadline = time.monotonic() + 30
-    while s.health()["cancelled"] == before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert s.health()["cancelled"] == before + 1
-    start = time.monotonic()
-    assert s.post("/generate", json=SMALL, headers=AUTH).status_code == 200
-    assert time.monotonic() - start < 10  # the worker is free again
-
-
-def test_api_key(strict_server, monkeypatch):
-    s = strict_server
-    assert s.post("/generate", json=SMALL).status_code == 401
-    assert s.post("/generate", json=SMALL, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert httpx.get(f"{s.url}/lora").status_code == 401
-    assert s.post("/lora", json={"path": "x.safetensors"}).status_code == 401
-    ok = s.post("/generate", json=SMALL, headers=AUTH)
-    assert ok.status_code == 200 and "s3cret" not in json.dumps(dict(ok.headers))
-    assert httpx.get(f"{s.url}/health").status_code == 200
-    # the key may come from the environment instead of the command line (kept out of `ps`)
-    monkeypatch.setenv("FLUX_API_KEY", "from-env")
-    assert parse_args([]).api_key == "from-env"
-    assert parse_args(["--api-key", "flag"]).api_key == "flag"
 
 
 def _start_slow(s, body: dict) -> tuple[threading.Thread, dict]:
@@ -162,7 +97,9 @@ class _FailingOnce:
 
 
 def test_out_of_memory_is_503_and_the_server_goes_on():
-
+    """...and an unexpected error is a 500 that says its request id, closes its connection, and is logged once."""
+    logged = []
+    sink = logger.add(lambda m: logged.append(m), level="ERROR")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(_FailingOnce()), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -176,12 +113,43 @@ def test_out_of_memory_is_503_and_the_server_goes_on():
         except httpx.HTTPError:
             time.sleep(0.1)
     try:
+        assert httpx.post(f"{url}/lora", json={"path": "good.safetensors"}).status_code == 403  # no LoRA directory
         r = httpx.post(f"{url}/generate", json=SMALL, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["message"].startswith("out of GPU memory")
-        r = httpx.post(f"{url}/generate", json=SMALL, timeout=30)
-        assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
-        r = httpx.post(f"{url}/generate", json=SMALL, timeout=30)
-        assert r.status_code == 200 and r.headers["x-seed"] == "5"
+        with httpx.Client(timeout=30) as client:  # keep-alive: the client must be told the connection ends
+            r = client.post(f"{url}/generate", json=SMALL, headers={"X-Request-Id": "req-500"})
+            assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
+            assert r.headers["connection"] == "close" and r.headers["x-request-id"] == "req-500"
+            assert "req-500" in r.json()["error"]["message"]
+            r = client.post(f"{url}/generate", json=SMALL)  # a new connection, no error
+            assert r.status_code == 200 and r.headers["x-seed"] == "5"
+        failures = [m for m in logged if "req-500" in m]
+        assert len(failures) == 1 and "Traceback" in failures[0] and "/secret/path" in failures[0]
+    finally:
+        logger.remove(sink)
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_public_docs_open_only_the_docs(fp8_pipeline):
+    app = create_app(fp8_pipeline, ServerSettings(api_key="s3cret", public_docs=True))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{url}/openapi.json").status_code == 200 and httpx.get(f"{url}/docs").status_code == 200
+        assert httpx.get(f"{url}/lora").status_code == 401
+        assert httpx.get(f"{url}/lora", headers={"Authorization": "BEARER s3cret"}).status_code == 200
     finally:
         server.should_exit = True
         thread.join(30)
+    assert (
+        authorised("Bearer  s3cret ", "s3cret")
+        and not authorised("Basic s3cret", "s3cret")
+        and not authorised(None, "s3cret")
+    )
