@@ -104,6 +104,7 @@ class LoraFuser:
     @torch.no_grad()
     def _refresh(self, names: set[str]) -> None:
         modules = self.modules()
+        finite: dict[str, Tensor] = {}  # per layer, on its device: read once at the end, one wait, not one a layer
         for name in sorted(names):
             module = modules[name]
             state = _state(module)
@@ -132,8 +133,7 @@ class LoraFuser:
                 b = p.bias_delta(scale)
                 if b is not None:
                     bias[rows] += b.to(device)
-            if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-                raise LoraError(f"the LoRAs' sum for {name!r} overflows (values too large for the layer)")
+            finite[name] = torch.isfinite(weight).all() & (torch.isfinite(bias).all() if bias is not None else True)
             if isinstance(module, F8Linear):
                 q, s = quantize_weight(weight, module.weight_scaling == "per_channel")
                 module.weight.copy_(q)
@@ -143,6 +143,12 @@ class LoraFuser:
             if bias is not None:
                 module.bias.copy_(bias)
             self.dirty.add(name)
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for flag in finite.values():
+            by_device.setdefault(flag.device, []).append(flag)
+        if not all(torch.stack(flags).all().item() for flags in by_device.values()):
+            bad = [name for name, f in finite.items() if not f.item()]  # `_change` puts the weights back
+            raise LoraError(f"the LoRAs' sum overflows (values too large for the layer) in {bad[:5]}")
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # copies finished: the change is complete when this returns
 

@@ -42,13 +42,6 @@ def test_bench_flow_appends_its_tables_with_what_they_ran_on(tmp_path):
             assert 1000 / (float(ms) + 0.05) - 0.01 <= float(its) <= 1000 / max(float(ms) - 0.05, 1e-3) + 0.01
 
 
-def test_smoke_runs_leave_results_alone(tmp_path):
-    before = report.RESULTS.read_bytes()
-    run_flow()  # --tiny without --results: a smoke test writes nowhere
-    assert report.RESULTS.read_bytes() == before
-    assert report.default_path(smoke=False) == str(report.RESULTS) and report.default_path(smoke=True) == ""
-
-
 def test_commit_names_the_checkout_and_marks_changes(tmp_path):
     def git(*args: str) -> str:
         env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
@@ -101,10 +94,13 @@ def test_serving_tables_put_each_run_in_its_row():
 
 
 def test_bench_flow_measures_the_fp8_attention_beside_the_default(tmp_path):
-
+    """...as a smoke run (`--tiny` without `--results`), which writes nowhere."""
     out = tmp_path / "flow.json"
     fast = "fp8 ch/tok + fp8 attention"
-    run_flow("--fp8-attention", "--eager", f"fp8 ch/tok,{fast}", "--out", str(out), "--results", "")
+    before = report.RESULTS.read_bytes()
+    run_flow("--fp8-attention", "--eager", f"fp8 ch/tok,{fast}", "--out", str(out))
+    assert report.RESULTS.read_bytes() == before
+    assert report.default_path(smoke=False) == str(report.RESULTS) and report.default_path(smoke=True) == ""
     result = json.loads(out.read_text())
     default, opt_in = result["accuracy"]["fp8 ch/tok"], result["accuracy"][fast]
     assert opt_in["per_linear"] == default["per_linear"]  # the same linears
