@@ -174,6 +174,17 @@ def _bad_inputs(url: str, stop: float, counts: dict) -> None:
                 counts[client.post(f"{url}{path}", json=body).status_code] += 1
 
 
+def _image(client: httpx.Client, url: str) -> int:
+    """A normal client's request: the queue of one may be taken by an attacker's LoRA request (they wait their turn
+    like any job), so a 429 is retried, a few times."""
+    for _ in range(10):
+        code = client.post(f"{url}/generate", json=SMALL, headers=AUTH).status_code
+        if code != 429:
+            return code
+        time.sleep(0.3)
+    return code
+
+
 def test_a_hostile_mix_leaves_the_server_serving_and_the_model_unchanged(strict_server):
     before = strict_server.post("/generate", json=SMALL, headers=AUTH)
     assert before.status_code == 200
@@ -194,7 +205,7 @@ def test_a_hostile_mix_leaves_the_server_serving_and_the_model_unchanged(strict_
             assert client.get(f"{strict_server.url}/health").status_code == 200
             health.append(time.monotonic() - t0)
             if len(health) % 10 == 0:
-                images.append(client.post(f"{strict_server.url}/generate", json=SMALL, headers=AUTH).status_code)
+                images.append(_image(client, strict_server.url))
             time.sleep(0.05)
     for t in attackers:
         t.join(30)
