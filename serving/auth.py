@@ -26,6 +26,8 @@ class ApiKeyGuard:
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
         if not authorised(header, self.key):
-            response = error(401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"})
+            # and the connection closes: a body sent anyway is not read
+            headers = {"WWW-Authenticate": "Bearer", "Connection": "close"}
+            response = error(401, "missing or wrong API key", headers=headers)
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)

@@ -27,7 +27,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await error(413, f"request body over {self.limit} bytes")(scope, receive, send)
+            return await error(413, f"request body over {self.limit} bytes", headers={"Connection": "close"})(
+                scope, receive, send
+            )
         seen, deadline, started, complete = 0, time.monotonic() + self.seconds, False, False
 
         async def limited_receive():

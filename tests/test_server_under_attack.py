@@ -168,10 +168,13 @@ def _bad_inputs(url: str, stop: float, counts: dict) -> None:
         ("/lora", {"path": "broken.safetensors"}),
         ("/lora", {"path": "x" * 300 + ".safetensors"}),
     ]
-    with httpx.Client(timeout=30, headers=AUTH) as client:
+    # serialized once: re-encoding 50k keys every time would hold this process's interpreter lock, and delay the
+    # health probes that share the process (client-side latency, not the server's)
+    bad = [(path, json.dumps(body).encode()) for path, body in bad]
+    with httpx.Client(timeout=30, headers={**AUTH, "Content-Type": "application/json"}) as client:
         while time.monotonic() < stop:
             for path, body in bad:
-                counts[client.post(f"{url}{path}", json=body).status_code] += 1
+                counts[client.post(f"{url}{path}", content=body).status_code] += 1
 
 
 def _image(client: httpx.Client, url: str) -> int:
@@ -214,7 +217,7 @@ def test_a_hostile_mix_leaves_the_server_serving_and_the_model_unchanged(strict_
     assert images and all(code == 200 for code in images)  # the normal client was served throughout
     health.sort()
     p99 = health[int(0.99 * (len(health) - 1))]
-    assert statistics.median(health) < 0.1 and p99 < 0.5, (statistics.median(health), p99)
+    assert statistics.median(health) < 0.05 and p99 < 0.25, (statistics.median(health), p99)
     after = strict_server.post("/generate", json=SMALL, headers=AUTH)
     assert after.content == before.content  # same seed, same bytes: nothing changed the model
     assert httpx.get(f"{strict_server.url}/lora", headers=AUTH).json() == {"loras": []}
