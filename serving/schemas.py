@@ -71,7 +71,12 @@ async def parse(request: Request, model: type[BaseModel]) -> BaseModel:
     return await asyncio.to_thread(_validated, model, raw)
 
 
+MAX_KEYS = 10_000  # a request has a dozen fields; a 10,000-character prompt could hold ~3,300 `\":` at most
+
+
 def _validated(model: type[BaseModel], raw: bytes) -> BaseModel:
+    if raw.count(b'":') > MAX_KEYS:  # one C-speed scan: a million keys would hold the interpreter lock for seconds
+        raise RequestValidationError([{"loc": ("body",), "msg": f"more than {MAX_KEYS} fields", "type": "too_many"}])
     try:
         data = json.loads(raw or b"null")
     except ValueError as e:
