@@ -212,7 +212,8 @@ def test_a_hostile_mix_leaves_the_server_serving_and_the_model_unchanged(strict_
             time.sleep(0.05)
     for t in attackers:
         t.join(30)
-    assert floods[401] > 0 and floods[200] == floods[500] == 0  # refused, never run, never a server error
+    # refused (401, or the connection closed under a body still being sent), never run, never a server error
+    assert floods[401] + floods["dropped"] > 0 and floods[200] == floods[500] == 0
     assert bads[500] == 0 and bads[422] > 0 and bads[400] > 0 and bads[200] == 0
     assert images and all(code == 200 for code in images)  # the normal client was served throughout
     health.sort()
