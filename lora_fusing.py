@@ -66,18 +66,17 @@ class LoraFuser:
         """Load `lora` (or replace the loaded one of its name): all of it, or nothing."""
         self.check(lora.deltas)
         previous = self.loaded.get(lora.name)
-        self._change(lambda loaded: loaded.__setitem__(lora.name, lora), set(lora.deltas) | _layers(previous))
+        self._change({**self.loaded, lora.name: lora}, set(lora.deltas) | _layers(previous))
 
     def remove(self, name: str) -> LoadedLora:
         lora = self.loaded[name]
-        self._change(lambda loaded: loaded.pop(name), set(lora.deltas))
+        self._change({n: other for n, other in self.loaded.items() if n != name}, set(lora.deltas))
         return lora
 
-    def _change(self, edit, layers: set[str]) -> None:
-        """Apply `edit` to the loaded set and refresh `layers`; on any failure the loaded set and every weight go
+    def _change(self, loaded: dict[str, LoadedLora], layers: set[str]) -> None:
+        """Make `loaded` the loaded set and refresh `layers`; on any failure the loaded set and every weight go
         back to what they were (recomputed from the pristine copies, as they were computed before)."""
-        before = dict(self.loaded)
-        edit(self.loaded)
+        before, self.loaded = self.loaded, loaded
         try:
             self._refresh(layers)
         except BaseException:

@@ -27,9 +27,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await error(413, f"request body over {self.limit} bytes", headers={"Connection": "close"})(
-                scope, receive, send
-            )
+            return await self._refusal(BodyTooLarge())(scope, receive, send)
         seen, deadline, started, complete = 0, time.monotonic() + self.seconds, False, False
 
         async def limited_receive():
@@ -56,6 +54,10 @@ class BodyLimit:
         except (BodyTooLarge, BodyTooSlow) as e:
             if started:
                 raise
-            status, text = (413, f"request body over {self.limit} bytes") if isinstance(e, BodyTooLarge) else (
-                408, f"request body not received within {self.seconds:.0f} s")  # fmt: skip
-            return await error(status, text, headers={"Connection": "close"})(scope, receive, send)
+            return await self._refusal(e)(scope, receive, send)
+
+    def _refusal(self, e: Exception):
+        """413 or 408, closing the connection: the rest of the body is never read."""
+        if isinstance(e, BodyTooLarge):
+            return error(413, f"request body over {self.limit} bytes", headers={"Connection": "close"})
+        return error(408, f"request body not received within {self.seconds:.0f} s", headers={"Connection": "close"})
