@@ -1,6 +1,7 @@
 """Command line: build a FluxPipeline from a config file and/or flags, then serve it (or make one image)."""
 
 import argparse
+import gc
 import os
 import signal
 import socket
@@ -218,8 +219,10 @@ def main(argv: list[str] | None = None) -> None:
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound now: a busy port or a wrong address is one line before anything loads."""
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, kind, proto = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][:3]
+        # the protocol named (IPPROTO_TCP, not 0): asyncio turns Nagle off only on sockets that say they are TCP,
+        # and with it on, every answer on a kept-alive connection waits 40 ms for the client's delayed ACK
+        sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as e:
@@ -231,17 +234,22 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
     """Warm up, then serve `pipeline` on `listener` until SIGTERM/SIGINT."""
     from api import create_app
+    from serving.connections import HeaderDeadlineProtocol
 
     start = time.perf_counter()
     pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # first-call costs (kernels, allocator) paid here
     logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
     if args.lora_dir:  # LoRA requests will come: pay for the pristine weight copies now, not on the first one
         pipeline.prepare_loras()
+    # what loading made lives as long as the process: out of the collector's sight, a full collection no longer
+    # walks the model's millions of objects, and no request waits for one
+    gc.freeze()
     settings = ServerSettings(args.max_queue_size, args.api_key, args.lora_dir, args.public_docs)
     app = create_app(pipeline, settings)
     config = uvicorn.Config(
         app,
         log_level="info",
+        http=HeaderDeadlineProtocol,  # h11, whose connections can be given a deadline for their headers
         limit_concurrency=args.max_connections,
         timeout_keep_alive=KEEP_ALIVE_S,
     )
