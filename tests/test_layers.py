@@ -24,7 +24,7 @@ ENTRY = 7  # what runs under `if __name__ == "__main__":` is a script, at the en
 # seconds that only loading the text encoders needs
 OPTIONAL = ("bitsandbytes", "optimum", "cudnn", "transformers")
 # main.py imports the library after `--cache-dir` has pointed torch's caches at their folder
-DEFERRED = {"main": ("flux_pipeline", "util", "api")}
+DEFERRED = {"main": ("flux_pipeline", "util", "api", "serving")}
 
 
 def sources() -> dict[str, Path]:
