@@ -1,11 +1,13 @@
 import base64
 import io
 import os
+import random
 import re
 import shutil
 import socket
 import struct
 import subprocess
+import time
 import zlib
 from pathlib import Path
 
@@ -90,6 +92,51 @@ def test_img2img_over_http(server):
     assert a.status_code == 200 and a.content == b.content and a.content != server.post("/generate", json=SMALL).content
     wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))  # as `base64` tools print it
     assert server.post("/generate", json=dict(SMALL, init_image=wrapped, strength=0.5)).content == a.content
+
+
+def test_a_large_init_image_over_http(server):
+    # a noise PNG of ~300 KB: its base64 is cut out of the JSON and decoded in chunks (serving.bodies)
+    noise = Image.frombytes("RGB", (320, 320), random.Random(0).randbytes(320 * 320 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    assert len(b64) > 4 * 2**16
+    request = dict(SMALL, prompt='a "quoted" \\ prompt', init_image=b64, strength=0.5)
+    a = server.post("/generate", json=request)
+    assert (
+        a.status_code == 200
+        and a.content != server.post("/generate", json=dict(SMALL, prompt=request["prompt"])).content
+    )
+    variants = [
+        dict(request, init_image=f"data:image/png;base64,{b64}"),
+        dict(request, init_image="\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))),  # JSON escapes \n
+        dict(reversed(list(request.items()))),  # the image first
+    ]
+    for variant in variants:
+        assert server.post("/generate", json=variant).content == a.content
+    half_dark = noise.copy()
+    half_dark.paste((0, 0, 0), (0, 0, 160, 320))
+    buffer = io.BytesIO()
+    half_dark.save(buffer, format="PNG")
+    other = server.post("/generate", json=dict(request, init_image=base64.b64encode(buffer.getvalue()).decode()))
+    assert other.status_code == 200 and other.content != a.content
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"prompt": [' + b"1," * 2_000_000 + b"1]}",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"prompt": "x", "init_image": {"nested": "' + b"A" * 100_000 + b'"}}',
+        b'{"prompt": "' + b"A" * 100_000 + b'"}',
+    ],
+    ids=["numbers", "nesting", "nested image", "long prompt"],
+)
+def test_bodies_expensive_to_parse_are_422(server, raw):
+    start = time.monotonic()
+    r = server.post("/generate", content=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and len(r.content) < 4096, r.text[:200]
+    assert time.monotonic() - start < 5
 
 
 BAD = [
