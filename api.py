@@ -15,17 +15,23 @@ from serving.request_context import RequestContext
 from serving.settings import ServerSettings
 from serving.worker import Worker
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "app", "create_app"]
 
 
-def create_app(pipeline: FluxPipeline, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | None = None) -> FastAPI:
     """The app serving `pipeline`: its routes share one GPU worker with a queue of `settings.max_queue_size`.
-    `app.state.drain()` (what SIGTERM calls) turns new requests away and drops the queued jobs."""
+    `app.state.drain()` (what SIGTERM calls) turns new requests away and drops the queued jobs. Without a
+    pipeline, the one set as `app.state.model` before the server starts is served (the original's way)."""
     settings = settings or ServerSettings()
     worker = Worker(settings.max_queue_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if app.state.pipeline is None:
+            app.state.pipeline = getattr(app.state, "model", None)
+        if app.state.pipeline is None:
+            raise RuntimeError("no pipeline: set app.state.model = FluxPipeline.load_pipeline_from_config_path(...)")
+        app.state.model = app.state.pipeline
         worker.start()
         app.state.ready = True
         yield
@@ -38,6 +44,8 @@ def create_app(pipeline: FluxPipeline, settings: ServerSettings | None = None) -
     app.add_middleware(ApiKeyGuard, key=settings.api_key, public_docs=settings.public_docs)
     app.add_middleware(RequestContext)
     app.state.pipeline = pipeline
+    if pipeline is not None:
+        app.state.model = pipeline  # the original's name for it
     app.state.settings = settings
     app.state.lora_dir = Path(settings.lora_dir).resolve() if settings.lora_dir else None
     app.state.worker = worker
@@ -64,3 +72,8 @@ def create_app(pipeline: FluxPipeline, settings: ServerSettings | None = None) -
 
     app.openapi = openapi
     return app
+
+
+# The original's module-level app: `from api import app; app.state.model = pipeline; uvicorn.run(app, ...)`.
+# It has the default settings (no API key, no LoRA directory); `create_app` is the way to choose them.
+app = create_app()

@@ -1,4 +1,5 @@
-"""Quantization of the text encoders (optimum-quanto, bitsandbytes) and fp8 storage for the autoencoder."""
+"""Quantization outside the flow model's fp8 matmuls: the text encoders (optimum-quanto, bitsandbytes), the
+autoencoder (fp8 storage, or quanto), and quanto's weight-only types for the flow model on GPUs without fp8."""
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +27,22 @@ def bitsandbytes_config(quant: str | None, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def quanto_quantize(model: nn.Module, quant: str) -> nn.Module:
-    """Quantize the linear weights in place with optimum-quanto (qfloat8: e4m3 weights, qint2: 2-bit)."""
+QUANTO_TYPES = ("qfloat8", "qint2", "qint4", "qint8")
+
+
+def quanto_quantize(model: nn.Module, quant: str, include: list[str] | None = None) -> nn.Module:
+    """Quantize the weights of `model`'s linear (and conv) layers in place with optimum-quanto, weights only:
+    qfloat8 (e4m3), qint8, qint4 (groups of 128) or qint2. `include`: module-name patterns to quantize (all if
+    None)."""
     try:
-        from optimum.quanto import freeze, qfloat8, qint2, quantize
+        from optimum import quanto
     except ImportError as e:
-        raise ConfigError(f"text encoder quantization {quant!r} needs optimum-quanto") from e
+        raise ConfigError(f"quantization {quant!r} needs optimum-quanto (pip install optimum-quanto)") from e
+    if quant not in QUANTO_TYPES:
+        raise ConfigError(f"not a quanto weight type: {quant!r} (one of {', '.join(QUANTO_TYPES)})")
     before = weight_bytes(model)
-    quantize(model, weights={"qfloat8": qfloat8, "qint2": qint2}[quant])
-    freeze(model)
+    quanto.quantize(model, weights=getattr(quanto, quant), include=include)
+    quanto.freeze(model)
     logger.info(
         f"{type(model).__name__}: {quant} weights, {before / 2**20:.0f} -> {weight_bytes(model) / 2**20:.0f} MiB"
     )

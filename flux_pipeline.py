@@ -7,7 +7,6 @@ import random
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,12 +16,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cuda_graphs import GraphedFlow
-from errors import Cancelled, InvalidInput, LoraError, LoraNotLoaded
+from errors import Cancelled, InvalidInput, LoraNotLoaded
 from float8_quantize import match_device
 from images import cover_crop, encode_image, load_image, to_tensor
 from kernels.options import KernelOptions
-from lora_fusing import LoadedLora, LoraFuser
-from lora_loading import convert_lora, read_lora
+from legacy import OriginalSurface, coerce_seed
+from lora_fusing import LoraFuser, PipelineLoras
 from modules import sampling
 from modules.conditioner import HFEmbedder
 from modules.emphasis import parse_emphasis
@@ -45,7 +44,22 @@ __all__ = ["FluxPipeline", "Cancelled", "LoraNotLoaded", "compile_flow_model", "
 WARM_UP_SIZES = ((1024, 1024), (768, 768))
 
 
-class FluxPipeline:
+def _without_autograd(method):
+    """`torch.inference_mode` around a pipeline method, or `no_grad` where quanto's 4-bit flow weights need it (they
+    unpack with an in-place op that inference tensors refuse)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        quanto_4bit = self.config.flow_quantization_dtype == "qint4"
+        with torch.no_grad() if quanto_4bit else torch.inference_mode():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+class FluxPipeline(PipelineLoras, OriginalSurface):
+    """The whole model and its generation. The original project's names work too (`legacy.OriginalSurface`)."""
+
     def __init__(
         self,
         config: ModelSpec,
@@ -74,18 +88,29 @@ class FluxPipeline:
     def load_pipeline_from_config_path(
         cls,
         path: str,
+        flow_model_path: str | None = None,
+        debug: bool = False,
+        *,
         warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES,
         options: KernelOptions = KernelOptions(),
         pin_lora_backups: bool = True,
         **overrides: Any,
     ) -> "FluxPipeline":
-        """`load_pipeline_from_config` of a JSON config file; `overrides` are config keys."""
-        return cls.load_pipeline_from_config(load_config(path, **overrides), warm_up_sizes, options, pin_lora_backups)
+        """`load_pipeline_from_config` of a JSON config file; `overrides` are config keys, `flow_model_path` the
+        checkpoint (`ckpt_path`) as in the original (whose `debug` is accepted and changes nothing)."""
+        if flow_model_path is not None:
+            overrides["ckpt_path"] = flow_model_path
+        config = load_config(path, **overrides)
+        return cls.load_pipeline_from_config(
+            config, warm_up_sizes=warm_up_sizes, options=options, pin_lora_backups=pin_lora_backups
+        )
 
     @classmethod
     def load_pipeline_from_config(
         cls,
         config: ModelSpec | dict,
+        debug: bool = False,
+        *,
         warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES,
         options: KernelOptions = KernelOptions(),
         pin_lora_backups: bool = True,
@@ -150,58 +175,10 @@ class FluxPipeline:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    # ---- LoRA ---------------------------------------------------------------------------------------------
-
-    def load_lora(self, lora: str | Path | dict[str, Tensor], scale: float = 1.0, name: str | None = None) -> str:
-        """Fuse a LoRA (a .safetensors path or a state dict) into the flow model; returns its name.
-
-        Loading a name that is already loaded replaces it (same file, new scale: only the scale changes)."""
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
-        path = str(lora) if isinstance(lora, (str, Path)) else None
-        name = name or (Path(path).stem if path else f"lora_{len(self.loras.loaded)}")
-        with self.lock:
-            current = self.loras.loaded.get(name)
-            if current is not None and path is not None and current.path == path:
-                deltas = current.deltas
-            else:
-                sd, metadata = read_lora(path) if path else (lora, {})
-                deltas = convert_lora(sd, self.config.params.hidden_size, metadata)
-                deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
-            start = time.perf_counter()
-            self.loras.put(LoadedLora(name, path, float(scale), deltas))
-            logger.info(
-                f"LoRA {name!r} (scale {scale}) fused into {len(deltas)} layers in {time.perf_counter() - start:.2f} s"
-            )
-        return name
-
-    def prepare_loras(self) -> None:
-        """Copy every linear layer's pristine weights to host memory now, so that no LoRA load pays for it later.
-
-        LoRA fusing needs these copies to restore the exact weights; taken on demand, the first LoRA covering the
-        whole model waits for all of them (seconds; bench/RESULTS.md). The server takes them at start-up with
-        `--lora-dir`.
-        Costs host memory the size of the flow model's linear weights (11 GiB in fp8 for FLUX.1)."""
-        with self.lock:
-            start = time.perf_counter()
-            taken = self.loras.back_up()
-            size = sum(t.numel() * t.element_size() for ts in self.loras.pristine.values() for t in ts)
-            logger.info(
-                f"LoRA backups: {taken} layers copied to host memory in {time.perf_counter() - start:.1f} s "
-                f"({size / 2**30:.2f} GiB held)"
-            )
-
-    def unload_lora(self, name_or_path: str) -> None:
-        with self.lock:
-            match = [n for n, lora in self.loras.loaded.items() if name_or_path in (n, lora.path)]
-            if not match:
-                raise LoraNotLoaded(f"no LoRA named {name_or_path!r} is loaded")
-            for name in match:
-                self.loras.remove(name)
-                logger.info(f"LoRA {name!r} unloaded")
-
-    def list_loras(self) -> list[dict[str, Any]]:
-        return [{"name": n, "path": lora.path, "scale": lora.scale} for n, lora in self.loras.loaded.items()]
+    @property
+    def default_steps(self) -> int:
+        """Steps when a request names none: 4 for flux-schnell (distilled for them), 24 for flux-dev."""
+        return DEFAULTS.schnell_steps if self.config.version == "flux-schnell" else DEFAULTS.num_steps
 
     # ---- inputs -------------------------------------------------------------------------------------------
 
@@ -217,9 +194,11 @@ class FluxPipeline:
             logger.warning(f"size {width}x{height} is not a multiple of 16: using {floored[0]}x{floored[1]}")
         return floored
 
-    def encode_prompt(self, prompt: str, num_images: int) -> tuple[Tensor, Tensor]:
-        """T5 tokens (B, L, context) and the CLIP vector (B, vec), on the flow device in the flow dtype."""
-        segments = parse_emphasis(prompt) if self.config.prompt_emphasis else None
+    def encode_prompt(self, prompt: str, num_images: int, emphasis: bool | None = None) -> tuple[Tensor, Tensor]:
+        """T5 tokens (B, L, context) and the CLIP vector (B, vec), on the flow device in the flow dtype. `emphasis`:
+        whether `(word:1.5)` weights apply (None: the config's `prompt_emphasis`)."""
+        emphasis = self.config.prompt_emphasis if emphasis is None else emphasis
+        segments = parse_emphasis(prompt) if emphasis else None
         plain = "".join(text for text, _ in segments) if segments else prompt
         with self._on(self.t5, self.text_enc_device, self.config.offload_text_encoder):
             if segments:
@@ -245,13 +224,13 @@ class FluxPipeline:
 
     # ---- generation ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @_without_autograd
     def generate_images(
         self,
         prompt: str,
         width: int = DEFAULTS.width,
         height: int = DEFAULTS.height,
-        num_steps: int = DEFAULTS.num_steps,
+        num_steps: int | None = None,
         guidance: float = DEFAULTS.guidance,
         seed: int | None = None,
         num_images: int = DEFAULTS.num_images,
@@ -260,10 +239,13 @@ class FluxPipeline:
         init_image: Any = None,
         strength: float = DEFAULTS.strength,
         allow_image_path: bool = True,
+        prompt_emphasis: bool | None = None,
     ) -> tuple[list[Image.Image], int]:
-        """The lower-level call: PIL images and the seed. `callback(step, total)` runs after every step;
-        setting `cancel` stops between steps with `Cancelled`. With `init_image`, img2img: the
-        image is encoded and noised to the timestep `strength` selects (1.0: pure noise, 0.0: no change)."""
+        """The lower-level call: PIL images and the seed. `num_steps` None: the version's default (`default_steps`;
+        flux-schnell ignores `guidance`). `callback(step, total)` runs after every step; setting `cancel` stops
+        between steps with `Cancelled`. With `init_image`, img2img: the image is encoded and noised to the
+        timestep `strength` selects (1.0: pure noise, 0.0: no change). `prompt_emphasis`: see `encode_prompt`."""
+        num_steps = self.default_steps if num_steps is None else num_steps
         if not isinstance(prompt, str):
             raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
         width, height = self._size(width, height)
@@ -276,14 +258,13 @@ class FluxPipeline:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise InvalidInput(f"strength must be in [0, 1], got {strength!r}")
         init = None if init_image is None else load_image(init_image, allow_path=allow_image_path)
+        seed = coerce_seed(seed)  # "123", -5 and 3.0 work, as in the original
         if seed is None:
             seed = random.SystemRandom().randint(0, LIMITS.max_seed)
-        elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= LIMITS.max_seed:
-            raise InvalidInput(f"seed must be an integer in [0, {LIMITS.max_seed}], got {seed!r}")
 
         with self.lock:
             start = time.perf_counter()
-            txt, vec = self.encode_prompt(prompt, num_images)
+            txt, vec = self.encode_prompt(prompt, num_images, prompt_emphasis)
             _finish(txt)  # the phases' times in the log are the GPU's, not only the launches'
             t_text = time.perf_counter()
             noise = sampling.get_noise(num_images, height, width, seed)
@@ -329,7 +310,7 @@ class FluxPipeline:
         prompt: str,
         width: int = DEFAULTS.width,
         height: int = DEFAULTS.height,
-        num_steps: int = DEFAULTS.num_steps,
+        num_steps: int | None = None,
         guidance: float = DEFAULTS.guidance,
         seed: int | None = None,
         init_image: Any = None,
@@ -342,6 +323,7 @@ class FluxPipeline:
         """JPEG bytes of one image (a list when `num_images > 1`), and the seed with `return_seed`."""
         if not 1 <= jpeg_quality <= 100:
             raise InvalidInput(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+        num_steps = self.default_steps if num_steps is None else num_steps
         bar = None if silent else tqdm(total=num_steps, desc="denoising", unit="step")
         try:
             images, seed = self.generate_images(
@@ -367,12 +349,6 @@ class FluxPipeline:
 def _stop_if_set(cancel: threading.Event, step: int, total: int) -> None:
     if cancel.is_set():
         raise Cancelled(f"cancelled before step {step} of {total}")
-
-
-def _to_device(part, device: torch.device):
-    part.down, part.up = part.down.to(device), part.up.to(device)
-    part.bias = None if part.bias is None else part.bias.to(device)
-    return part
 
 
 def _finish(x: Tensor) -> None:

@@ -5,14 +5,19 @@ loaded LoRAs' deltas`, unloading the last LoRA restores the exact original tenso
 undone the same way: the weights and the loaded set are what they were before it.
 """
 
+import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from loguru import logger
 from torch import Tensor, nn
 
-from errors import LoraError
+from errors import LoraError, LoraNotLoaded
 from float8_quantize import F8Linear, dequantize_weight, quantize_weight
-from lora_loading import LoraDeltas
+from lora_loading import LoraDeltas, convert_lora, read_lora
 
 
 @dataclass
@@ -172,3 +177,78 @@ def _state(module: nn.Module) -> tuple[Tensor, ...]:
     if module.bias is not None:
         tensors.append(module.bias.data)
     return tuple(tensors)
+
+
+class PipelineLoras:
+    """Mixed into `FluxPipeline`: its LoRA methods. Needs `loras` (a LoraFuser), `lock`, `config` and
+    `flux_device`."""
+
+    def load_lora(
+        self,
+        lora: str | Path | dict[str, Tensor] | None = None,
+        scale: float = 1.0,
+        name: str | None = None,
+        *,
+        lora_path: str | Path | dict[str, Tensor] | None = None,
+    ) -> str:
+        """Fuse a LoRA (a .safetensors path or a state dict) into the flow model; returns its name.
+
+        Loading a name that is already loaded replaces it (same file, new scale: only the scale changes).
+        `lora_path` is the original's name for `lora`."""
+        lora = lora if lora is not None else lora_path
+        if lora is None:
+            raise LoraError("load_lora needs a path or a state dict")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
+        path = str(lora) if isinstance(lora, (str, Path)) else None
+        name = name or (Path(path).stem if path else f"lora_{len(self.loras.loaded)}")
+        with self.lock:
+            current = self.loras.loaded.get(name)
+            if current is not None and path is not None and current.path == path:
+                deltas = current.deltas
+            else:
+                sd, metadata = read_lora(path) if path else (lora, {})
+                deltas = convert_lora(sd, self.config.params.hidden_size, metadata)
+                deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
+            start = time.perf_counter()
+            self.loras.put(LoadedLora(name, path, float(scale), deltas))
+            logger.info(
+                f"LoRA {name!r} (scale {scale}) fused into {len(deltas)} layers in {time.perf_counter() - start:.2f} s"
+            )
+        return name
+
+    def prepare_loras(self) -> None:
+        """Copy every linear layer's pristine weights to host memory now, so that no LoRA load pays for it later.
+
+        LoRA fusing needs these copies to restore the exact weights; taken on demand, the first LoRA covering the
+        whole model waits for all of them (seconds; bench/RESULTS.md). The server takes them at start-up with
+        `--lora-dir`.
+        Costs host memory the size of the flow model's linear weights (11 GiB in fp8 for FLUX.1)."""
+        with self.lock:
+            start = time.perf_counter()
+            taken = self.loras.back_up()
+            size = sum(t.numel() * t.element_size() for ts in self.loras.pristine.values() for t in ts)
+            logger.info(
+                f"LoRA backups: {taken} layers copied to host memory in {time.perf_counter() - start:.1f} s "
+                f"({size / 2**30:.2f} GiB held)"
+            )
+
+    def unload_lora(self, name_or_path: str | None = None, *, path_or_identifier: str | None = None) -> None:
+        """Unfuse a loaded LoRA, by name or path (`path_or_identifier`: the original's keyword)."""
+        name_or_path = name_or_path if name_or_path is not None else path_or_identifier
+        with self.lock:
+            match = [n for n, lora in self.loras.loaded.items() if name_or_path in (n, lora.path)]
+            if not match:
+                raise LoraNotLoaded(f"no LoRA named {name_or_path!r} is loaded")
+            for name in match:
+                self.loras.remove(name)
+                logger.info(f"LoRA {name!r} unloaded")
+
+    def list_loras(self) -> list[dict[str, Any]]:
+        return [{"name": n, "path": lora.path, "scale": lora.scale} for n, lora in self.loras.loaded.items()]
+
+
+def _to_device(part, device: torch.device):
+    part.down, part.up = part.down.to(device), part.up.to(device)
+    part.bias = None if part.bias is None else part.bias.to(device)
+    return part

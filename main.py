@@ -19,10 +19,6 @@ from serving.settings import ServerSettings
 # The library (and torch with it) is imported in `build_pipeline`, after `--cache-dir` has pointed the compile
 # and bytecode caches at their folder: imported first, torch would have read the variables already.
 
-DEFAULT_CONFIGS = {
-    "flux-dev": Path(__file__).parent / "configs" / "config-dev-1-H100.json",
-    "flux-schnell": Path(__file__).parent / "configs" / "config-schnell-1-H100.json",
-}
 # what `--cache-dir` keeps besides Python's bytecode: environment variable -> its folder there
 COMPILE_CACHES = {
     "TORCHINDUCTOR_CACHE_DIR": "inductor",
@@ -168,6 +164,7 @@ def use_cache_dir(path: str) -> None:
 def build_pipeline(args: argparse.Namespace):
     start = time.perf_counter()
     from flux_pipeline import WARM_UP_SIZES, FluxPipeline  # after use_cache_dir: see the note at the top
+    from util import DEFAULT_CONFIGS
 
     logger.info(f"imported the pipeline's code in {time.perf_counter() - start:.1f} s")
     overrides = config_overrides(args)
@@ -175,7 +172,7 @@ def build_pipeline(args: argparse.Namespace):
     # happens at load, never in a request, the image included
     sizes = WARM_UP_SIZES if args.prompt is None else ((args.width, args.height),) * 2
     if args.config_path:
-        return FluxPipeline.load_pipeline_from_config_path(args.config_path, sizes, **overrides)
+        return FluxPipeline.load_pipeline_from_config_path(args.config_path, warm_up_sizes=sizes, **overrides)
     missing = [
         flag
         for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
@@ -184,7 +181,10 @@ def build_pipeline(args: argparse.Namespace):
     if missing:
         raise SystemExit(f"error: without --config-path, give {' and '.join(missing)}")
     base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
-    return FluxPipeline.load_pipeline_from_config_path(str(base), sizes, **overrides)
+    # the original's flags-only launch: compiled only with --compile, the text encoders and the autoencoder
+    # offloaded unless --no-offload-text-enc / --no-offload-ae (what lets 16-24 GB cards run it)
+    flags_only = {"compile_blocks": False, "compile_extras": False, "offload_text_encoder": True, "offload_vae": True}
+    return FluxPipeline.load_pipeline_from_config_path(str(base), warm_up_sizes=sizes, **{**flags_only, **overrides})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,9 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     except FluxError as e:
         raise SystemExit(f"error: {e}") from None
     if args.prompt is not None:
-        steps = args.num_steps or (4 if pipeline.config.version == "flux-schnell" else DEFAULTS.num_steps)
         jpeg, seed = pipeline.generate(
-            args.prompt, args.width, args.height, steps, args.guidance, args.seed, return_seed=True
+            args.prompt, args.width, args.height, args.num_steps, args.guidance, args.seed, return_seed=True
         )
         Path(args.output).write_bytes(jpeg.getvalue())
         logger.info(f"wrote {args.output} (seed {seed})")

@@ -1,263 +1,120 @@
-"""Configuration (`ModelSpec`), the generation defaults and limits, and the component loaders."""
+"""The component loaders, the original project's entry points (`load_config(version, flux_path=...)`,
+`load_config_from_path`, `load_models_from_config[_path]`, `into_device`, `into_dtype`), and the configuration
+surface of `model_spec`, re-exported: this is where the original's users import all of it from."""
 
 import dataclasses
-import json
-import os
-import warnings
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from safetensors import safe_open
 from torch import nn
 
 import encoder_quantize
 import float8_quantize
 from errors import ConfigError
-from float8_quantize import F8Settings
 from kernels import fp8_attention
 from kernels.options import KernelOptions
+from model_spec import (
+    DEFAULTS,
+    LIMITS,
+    TORCH_DTYPES,
+    GenerationDefaults,
+    GenerationLimits,
+    ModelSpec,
+    ModelVersion,
+    QuantizationDtype,
+    load_config_file,
+    spec_from_dict,
+)
 from modules.autoencoder import AutoEncoder, AutoEncoderParams
 from modules.conditioner import HFEmbedder
 from modules.flux_model import Flux, FluxParams
 
+__all__ = [
+    "DEFAULTS", "LIMITS", "TORCH_DTYPES", "GenerationDefaults", "GenerationLimits", "ModelSpec", "ModelVersion",
+    "QuantizationDtype", "spec_from_dict", "load_config", "load_config_from_path", "load_models",
+    "load_models_from_config", "load_models_from_config_path", "LoadedModels", "into_device", "into_dtype",
+    "check_device", "read_metadata", "read_safetensors", "assign_state_dict", "load_flow_model",
+    "write_prequantized", "load_autoencoder", "load_text_encoders",
+]  # fmt: skip
 
-@dataclasses.dataclass(frozen=True)
-class GenerationDefaults:
-    """What a request leaves out gets these (the original's), in the CLI, the HTTP API and `FluxPipeline`."""
-
-    width: int = 720
-    height: int = 1024
-    num_steps: int = 24
-    guidance: float = 3.5
-    strength: float = 1.0
-    num_images: int = 1
-    jpeg_quality: int = 99
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationLimits:
-    """What the HTTP API accepts (the Python API floors sizes to multiples of 16 and leaves the rest to the caller)."""
-
-    size_multiple: int = 16
-    min_size: int = 128
-    max_size: int = 2048
-    max_pixels: int = 2048 * 2048
-    max_steps: int = 100
-    max_guidance: float = 20.0
-    max_images: int = 4
-    max_seed: int = 2**53 - 1  # exact in JSON numbers
-    max_prompt_chars: int = 10_000
-    max_init_image_bytes: int = 20 * 1024 * 1024
-
-
-DEFAULTS = GenerationDefaults()
-LIMITS = GenerationLimits()
-
-# Keys of the original's configs: renamed (warned, then used) or informational (warned, then ignored).
-RENAMED_KEYS = {
-    "offload_ae": "offload_vae",
-    "offload_text_enc": "offload_text_encoder",
-    "ae_offload": "offload_vae",
-    "text_enc_offload": "offload_text_encoder",
-    "flux_offload": "offload_flow",
-}
-IGNORED_KEYS = ("num_to_quant", "quantize_extras", "repo_id", "repo_flow", "repo_ae")
-
-
-class ModelVersion(str, Enum):
-    flux_dev = "flux-dev"
-    flux_schnell = "flux-schnell"
-
-
-DType = Literal["bfloat16", "float16", "float32"]
-TextQuant = Literal["qfloat8", "qint2", "qint4", "qint8", "bfloat16", "float16"]
 Convert = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VERSIONS = tuple(v.value for v in ModelVersion)
+DEFAULT_CONFIGS = {
+    version: Path(__file__).parent / "configs" / f"config-{version[5:]}-1-H100.json" for version in VERSIONS
+}
+# the original's `load_config` keywords that are not config keys -> the config key each one sets
+_ORIGINAL_ARGS = {
+    "flux_path": "ckpt_path",
+    "offload_text_enc": "offload_text_encoder",
+    "offload_ae": "offload_vae",
+}
 
 
-class FluxParamsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    in_channels: int = Field(gt=0)
-    vec_in_dim: int = Field(gt=0)
-    context_in_dim: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    mlp_ratio: float = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    depth: int = Field(ge=0)
-    depth_single_blocks: int = Field(ge=0)
-    axes_dim: list[int]
-    theta: int = Field(gt=0)
-    qkv_bias: bool
-    guidance_embed: bool
+def load_config(path_or_version: str | Path = ModelVersion.flux_dev, **overrides: Any) -> ModelSpec:
+    """A `ModelSpec` from a JSON config file, `overrides` being config keys. Given a model version instead of a
+    path (`load_config("flux-schnell", flux_path=..., ae_path=...)`, or `name=...`), it is the original's
+    `load_config`: that version's defaults with the original's keyword arguments, which are accepted too."""
+    version = overrides.pop("name", None)
+    if version is None and str(path_or_version) in VERSIONS:
+        version = str(path_or_version)
+    if version is None:
+        return load_config_file(path_or_version, **overrides)
+    keys = {_ORIGINAL_ARGS.get(k, k): v for k, v in overrides.items() if v is not None}
+    if "quant_text_enc" in keys:  # the original's choices; its "float8" is qfloat8 (its own typo made it none)
+        quant = keys.pop("quant_text_enc")
+        keys["text_enc_quantization_dtype"] = {"float8": "qfloat8", "bf16": None}.get(quant, quant)
+    if keys.pop("quant_ae", False):
+        keys["ae_quantization_dtype"] = "qfloat8"
+    keys = {"version": str(version), "compile_blocks": False, "compile_extras": False, **keys}
+    return load_config_file(DEFAULT_CONFIGS[str(version)], **keys)
 
 
-class AutoEncoderParamsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    resolution: int = Field(gt=0)
-    in_channels: int = Field(gt=0)
-    ch: int = Field(gt=0)
-    out_ch: int = Field(gt=0)
-    ch_mult: list[int]
-    num_res_blocks: int = Field(gt=0)
-    z_channels: int = Field(gt=0)
-    scale_factor: float
-    shift_factor: float
+def load_config_from_path(path: str | Path) -> ModelSpec:
+    """The original's name for reading a config file."""
+    return load_config_file(path)
 
 
-class ModelSpec(BaseModel):
-    """Everything needed to build a FluxPipeline; the keys of the JSON config files."""
-
-    model_config = ConfigDict(extra="forbid", use_enum_values=True, validate_assignment=True)
-
-    version: ModelVersion
-    params: FluxParamsSpec
-    ae_params: AutoEncoderParamsSpec
-    ckpt_path: str
-    ae_path: str
-    text_enc_path: str
-    clip_path: str = "openai/clip-vit-large-patch14"
-    text_enc_max_length: int | None = Field(default=None, gt=0, le=4096)
-    flux_device: str = "cuda:0"
-    text_enc_device: str = "cuda:0"
-    ae_device: str = "cuda:0"
-    flow_dtype: DType = "bfloat16"
-    ae_dtype: DType = "bfloat16"
-    text_enc_dtype: DType = "bfloat16"
-    text_enc_quantization_dtype: TextQuant | None = "qfloat8"
-    clip_quantization_dtype: TextQuant | None = None
-    ae_quantization_dtype: Literal["qfloat8", "bfloat16", "float16"] | None = None
-    flow_quantization_dtype: Literal["qfloat8", "bfloat16", "float16"] | None = "qfloat8"
-    compile_blocks: bool = False
-    compile_extras: bool = False
-    cuda_graphs: bool = True  # replay the flow model's forward as a CUDA graph (CUDA, flow not offloaded)
-    offload_text_encoder: bool = False
-    offload_vae: bool = False
-    offload_flow: bool = False
-    prequantized_flow: bool = False
-    quantize_modulation: bool = True
-    quantize_flow_embedder_layers: bool = False
-    prompt_emphasis: bool = False  # A1111-style (word:1.3) weights on the T5 tokens
-    # fp8 modes (float8_quantize.py); the defaults are chosen by measurement, see bench/RESULTS.md
-    f8_weight_scaling: Literal["per_channel", "per_tensor"] = "per_channel"
-    f8_activation_scaling: Literal["dynamic_per_token", "dynamic_per_tensor", "static_per_tensor"] = "dynamic_per_token"
-    f8_fast_accum: bool = True
-    f8_calibration_size: int = Field(default=float8_quantize.CALIBRATION_SIZE, ge=64, le=2048, multiple_of=16)
-    fp8_attention: bool = False  # opt-in fast mode: attention in e4m3 too (not exact; kernels/fp8_attention.py)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_keys(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for old, new in RENAMED_KEYS.items():
-            if old in data:
-                value = data.pop(old)
-                if new in data and data[new] != value:
-                    raise ValueError(f"config key '{old}' (deprecated alias of '{new}') conflicts with '{new}'")
-                warnings.warn(f"config key '{old}' is deprecated; use '{new}'", DeprecationWarning, stacklevel=2)
-                logger.warning(f"config key '{old}' is deprecated; use '{new}'")
-                data.setdefault(new, value)
-        for key in IGNORED_KEYS:
-            if key in data:
-                logger.warning(f"config key '{key}' is ignored (kept for compatibility with older configs)")
-                data.pop(key)
-        return data
-
-    @field_validator("flux_device", "text_enc_device", "ae_device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        try:
-            torch.device(value)
-        except RuntimeError as e:
-            raise ValueError(f"not a torch device: {value!r}") from e
-        return value
-
-    @field_validator("ckpt_path", "ae_path")
-    @classmethod
-    def _file_exists(cls, value: str, info) -> str:
-        if not Path(value).expanduser().is_file():
-            raise ValueError(f"{info.field_name}: file not found: {value}")
-        return str(Path(value).expanduser())
-
-    @field_validator("text_enc_path", "clip_path")
-    @classmethod
-    def _dir_or_repo(cls, value: str, info) -> str:
-        path = Path(value).expanduser()
-        looks_local = value.startswith(("/", ".", "~")) or value.count("/") > 1 or os.sep in value.replace("/", "")
-        if looks_local and not path.is_dir():
-            raise ValueError(f"{info.field_name}: directory not found: {value}")
-        return str(path) if path.is_dir() else value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "ModelSpec":
-        head_dim = self.params.hidden_size // self.params.num_heads
-        if self.params.hidden_size % self.params.num_heads or sum(self.params.axes_dim) != head_dim:
-            raise ValueError(f"params.axes_dim {self.params.axes_dim} must sum to hidden_size / num_heads")
-        if self.text_enc_max_length is None:
-            self.text_enc_max_length = 256 if self.version == "flux-schnell" else 512
-        return self
-
-    @property
-    def flow_torch_dtype(self) -> torch.dtype:
-        return TORCH_DTYPES[self.flow_dtype]
-
-    @property
-    def flow_fp8(self) -> bool:
-        return self.flow_quantization_dtype == "qfloat8"
-
-    @property
-    def f8_settings(self) -> F8Settings:
-        return F8Settings(
-            weight_scaling=self.f8_weight_scaling,
-            activation_scaling=self.f8_activation_scaling,
-            quantize_modulation=self.quantize_modulation,
-            quantize_flow_embedder_layers=self.quantize_flow_embedder_layers,
-        )
+class LoadedModels(NamedTuple):
+    flow: nn.Module
+    ae: AutoEncoder
+    clip: HFEmbedder
+    t5: HFEmbedder
+    config: ModelSpec
 
 
-def _resolve_relative(data: dict, base_dir: Path) -> dict:
-    """Relative paths in a config file are tried against the working directory, then the file's folder."""
-    data = dict(data)
-    for key in ("ckpt_path", "ae_path", "text_enc_path", "clip_path"):
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            if not Path(value).exists() and (base_dir / value).exists():
-                data[key] = str(base_dir / value)
-    return data
+def load_models(config: ModelSpec) -> tuple[nn.Module, AutoEncoder, HFEmbedder, HFEmbedder]:
+    """(flow, ae, clip, t5), each on its configured device."""
+    return load_flow_model(config), load_autoencoder(config), *load_text_encoders(config)
 
 
-def load_config(path: str | os.PathLike, **overrides: Any) -> ModelSpec:
-    """Read a JSON config; `overrides` are config keys, validated like the file's."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
-    data.update(overrides)
-    return spec_from_dict(_resolve_relative(data, path.parent))
+def load_models_from_config(config: ModelSpec) -> LoadedModels:
+    flow, ae, clip, t5 = load_models(config)
+    return LoadedModels(flow, ae, clip, t5, config)
 
 
-def spec_from_dict(data: dict) -> ModelSpec:
-    """`ModelSpec(**data)` with errors that name every offending key in one line each."""
-    try:
-        return ModelSpec(**data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "config"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{key}: {msg}")
-        raise ConfigError("invalid config: " + "; ".join(lines)) from None
+def load_models_from_config_path(path: str | Path) -> LoadedModels:
+    return load_models_from_config(load_config_file(path))
+
+
+def into_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"not a dtype name: {dtype!r} (one of {sorted(TORCH_DTYPES)})")
+    return TORCH_DTYPES[dtype]
+
+
+def into_device(device: str | int | torch.device | None) -> torch.device:
+    """A device from a name, a CUDA index, or None (cuda:0), as the original took them."""
+    if device is None:
+        return torch.device("cuda:0")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return torch.device(f"cuda:{device}")
+    return torch.device(device)
 
 
 def check_device(device: str, key: str) -> torch.device:
@@ -328,6 +185,14 @@ def load_flow_model(config: ModelSpec, options: KernelOptions = KernelOptions())
         dtype = config.flow_torch_dtype
         sd = read_safetensors(config.ckpt_path, device, lambda k, t: {k: t.to(dtype)})
         assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
+        if config.flow_quantization_dtype in encoder_quantize.QUANTO_TYPES:  # weight-only: the fp8 layers' set
+            settings = config.f8_settings
+            names = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and float8_quantize.quantized_layer(n, settings)
+            ]
+            encoder_quantize.quanto_quantize(model, config.flow_quantization_dtype, include=names)
     if options.fp8_attention:
         logger.info("fp8 attention on: e4m3 q, k, v, probabilities and output (opt-in, not exact; see README)")
     return model.eval().requires_grad_(False)
@@ -367,7 +232,7 @@ def write_prequantized(config_path: str, output: str, device: str | None = None)
     overrides: dict[str, Any] = {"flow_quantization_dtype": "qfloat8", "prequantized_flow": False}
     if device:
         overrides["flux_device"] = device
-    config = load_config(config_path, **overrides)
+    config = load_config_file(config_path, **overrides)
     metadata = float8_quantize.metadata_for(config.f8_settings, config.params.model_dump(), config.flow_dtype)
     float8_quantize.save_prequantized(load_flow_model(config), output, metadata)
 
@@ -381,6 +246,8 @@ def load_autoencoder(config: ModelSpec, options: KernelOptions = KernelOptions()
     assign_state_dict(ae, sd, f"autoencoder {config.ae_path}")
     if config.ae_quantization_dtype == "qfloat8":
         encoder_quantize.quantize_autoencoder(ae)
+    elif config.ae_quantization_dtype in encoder_quantize.QUANTO_TYPES:
+        encoder_quantize.quanto_quantize(ae, config.ae_quantization_dtype)
     return ae.eval().requires_grad_(False)
 
 
@@ -400,7 +267,7 @@ def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype,
         # GPU, tens of seconds on the CPU (the bf16 copy is freed layer by layer as quanto freezes the weights)
         on_gpu = device.type == "cuda"
         model = model_cls.from_pretrained(path, dtype=dtype, **({"device_map": {"": device}} if on_gpu else {}))
-        if quant in encoder_quantize.QUANTO:
+        if quant in encoder_quantize.QUANTO:  # the text encoders' qint4/qint8 are bitsandbytes'
             encoder_quantize.quanto_quantize(model, quant)
         if not on_gpu:
             model = model.to(device)

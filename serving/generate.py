@@ -41,14 +41,15 @@ async def generate(request: Request) -> Response:
             init_image=body._image,
             strength=body.strength,
             allow_image_path=False,
+            prompt_emphasis=body.prompt_emphasis,
         )
 
     images, seed = await run_job(run, request)
     elapsed = time.perf_counter() - start
     headers = {"X-Seed": str(seed), "X-Inference-Time": f"{elapsed:.3f}"}
     logger.info(
-        f"request {request_id}: {body.num_images}x {body.width}x{body.height}, {body.num_steps} steps, "
-        f"seed {seed}, {elapsed:.2f} s"
+        f"request {request_id}: {body.num_images}x {body.width}x{body.height}, "
+        f"{body.num_steps or pipeline.default_steps} steps, seed {seed}, {elapsed:.2f} s"
     )
     encoded = await asyncio.to_thread(encode_all, images, body.output_format, body.jpeg_quality)
     if body.num_images == 1:

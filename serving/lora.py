@@ -71,7 +71,8 @@ async def lora(request: Request) -> JSONResponse:
             return pipeline.load_lora(full, scale=body.scale, name=body.name)
 
         name = await run_job(load, request)
-        return JSONResponse({"status": "loaded", "name": name, "scale": body.scale})
+        # "status": "success" is what the original's clients check
+    return JSONResponse({"status": "success", "action": "loaded", "name": name, "scale": body.scale})
 
     if body.name is not None:  # by name only: a server path given as a name must not find its LoRA
         key = body.name
@@ -84,4 +85,4 @@ async def lora(request: Request) -> JSONResponse:
         pipeline.unload_lora(key)
 
     await run_job(unload, request)
-    return JSONResponse({"status": "unloaded", "name": body.name or shown_path(lora_dir, key)})
+    return JSONResponse({"status": "success", "action": "unloaded", "name": body.name or shown_path(lora_dir, key)})

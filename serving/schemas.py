@@ -24,7 +24,9 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(max_length=LIMITS.max_prompt_chars)
     width: int = Field(default=DEFAULTS.width, **_SIZE)
     height: int = Field(default=DEFAULTS.height, **_SIZE)
-    num_steps: int = Field(default=DEFAULTS.num_steps, ge=1, le=LIMITS.max_steps)
+    num_steps: int | None = Field(
+        default=None, ge=1, le=LIMITS.max_steps, description="default 24; flux-schnell: 4 (it ignores guidance)"
+    )
     guidance: float = Field(default=DEFAULTS.guidance, ge=0, le=LIMITS.max_guidance, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=LIMITS.max_seed)
     strength: float = Field(default=DEFAULTS.strength, ge=0, le=1, allow_inf_nan=False)
@@ -36,6 +38,7 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(default=DEFAULTS.num_images, ge=1, le=LIMITS.max_images)
     output_format: Literal[tuple(FORMATS)] = "jpeg"
     jpeg_quality: int = Field(default=DEFAULTS.jpeg_quality, ge=1, le=100)
+    prompt_emphasis: bool | None = Field(default=None, description="(word:1.5) weights; default: the config's (on)")
     _image: Image.Image | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")

@@ -122,7 +122,7 @@ def test_one_image_warm_up_at_its_own_size_then_no_recompile(cuda_cfg):
     from the compiled graphs, 28 steps included (the modulation table's many-row graph)."""
 
     cfg = dict(cuda_cfg, compile_blocks=True, compile_extras=True)
-    pipe = FluxPipeline.load_pipeline_from_config(cfg, ((720, 1024), (720, 1024)))
+    pipe = FluxPipeline.load_pipeline_from_config(cfg, warm_up_sizes=((720, 1024), (720, 1024)))
     frames = counters["stats"]["unique_graphs"]
     pipe.generate_images("a fox", 720, 1024, 28, seed=1)
     assert counters["stats"]["unique_graphs"] == frames
