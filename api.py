@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from loguru import logger
 
 from flux_pipeline import FluxPipeline
-from serving import generate, health, http_errors, lora
+from serving import generate, health, http_errors, lora, ui
 from serving.auth import ApiKeyGuard
 from serving.body_limit import BodyLimit
 from serving.request_context import RequestContext
@@ -41,7 +41,8 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
     app = FastAPI(title="flux-fp8-api", lifespan=lifespan)
     # outermost last: every request gets its id, then the key is checked, then the body is bounded as it is read
     app.add_middleware(BodyLimit)
-    app.add_middleware(ApiKeyGuard, key=settings.api_key, public_docs=settings.public_docs)
+    # the UI has its own login (a browser sends no bearer header)
+    app.add_middleware(ApiKeyGuard, key=settings.api_key, public_docs=settings.public_docs, ui=settings.ui)
     app.add_middleware(RequestContext)
     app.state.pipeline = pipeline
     if pipeline is not None:
@@ -71,6 +72,10 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
         return app.openapi_schema
 
     app.openapi = openapi
+    if settings.ui:
+        if pipeline is None:
+            raise ValueError("the web UI needs the pipeline given to create_app")
+        ui.mount(app, settings)
     return app
 
 

@@ -23,6 +23,11 @@ from modules import sampling
 METADATA_FORMAT = "flux-fp8-api/f8"
 WEIGHT_SCALINGS = ("per_channel", "per_tensor")
 ACTIVATION_SCALINGS = ("dynamic_per_token", "dynamic_per_tensor", "static_per_tensor")
+# the original flux-fp8-api's recipe, for its prequantized files only (`f8_original`), not a config choice: static
+# per-tensor scales and e5m2 activations, multiplied by the scale in the activations' own dtype
+ORIGINAL_RECIPE = "static_per_tensor_e5m2"
+E5M2 = torch.float8_e5m2
+E5M2_MAX = torch.finfo(E5M2).max  # 57344
 EMBEDDERS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in")
 MODULATIONS = (".img_mod.", ".txt_mod.", ".modulation.")
 
@@ -37,7 +42,7 @@ class F8Settings:
     def __post_init__(self):
         if self.weight_scaling not in WEIGHT_SCALINGS:
             raise ConfigError(f"f8_weight_scaling must be one of {WEIGHT_SCALINGS}, got {self.weight_scaling!r}")
-        if self.activation_scaling not in ACTIVATION_SCALINGS:
+        if self.activation_scaling not in (*ACTIVATION_SCALINGS, ORIGINAL_RECIPE):
             raise ConfigError(
                 f"f8_activation_scaling must be one of {ACTIVATION_SCALINGS}, got {self.activation_scaling!r}"
             )
@@ -100,8 +105,10 @@ class F8Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=E4M3, device=device), False)
         scale_shape = (1, out_features) if weight_scaling == "per_channel" else ()
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
-        if activation_scaling == "static_per_tensor":
+        if activation_scaling in ("static_per_tensor", ORIGINAL_RECIPE):
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+        if activation_scaling == ORIGINAL_RECIPE:  # its reciprocal as the file holds it: rounded the same way
+            self.register_buffer("input_multiplier", torch.ones((), dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=out_dtype, device=device), False) if bias else None
 
     @classmethod
@@ -129,6 +136,9 @@ class F8Linear(nn.Module):
         if self.calibrating:
             amax = x.abs().amax().float()
             self.input_scale.copy_(torch.maximum(self.input_scale, amax / E4M3_MAX))
+        if self.activation_scaling == ORIGINAL_RECIPE:
+            xq = x.mul(self.input_multiplier).clamp(-E5M2_MAX, E5M2_MAX).to(E5M2)
+            return xq, self.input_scale
         if self.activation_scaling == "static_per_tensor" and not self.calibrating:
             scale = self.input_scale
             return fp8_linear.quantizer(x.is_cuda)(x, scale), scale
@@ -151,8 +161,9 @@ class F8Linear(nn.Module):
         return dynamic and fp8_linear.available(x)
 
     def takes_quantized_input(self) -> bool:
-        """Whether `forward_quantized` can take an e4m3 input as it is (a static scale is being measured otherwise)."""
-        return self.use_fp8 and not self.calibrating
+        """Whether `forward_quantized` can take an e4m3 input as it is (not while a static scale is being measured,
+        nor in the original's recipe, whose inputs are e5m2)."""
+        return self.use_fp8 and not self.calibrating and self.activation_scaling != ORIGINAL_RECIPE
 
     def forward_gelu_concat(self, a: Tensor | None, b: Tensor, a_scale: Tensor | None, fast_tanh: bool) -> Tensor:
         """`self(cat((a, gelu_tanh(b)), -1))` (`a` may be None; e4m3 with the float32 scale `a_scale` if given), the

@@ -2,6 +2,7 @@
 
 import argparse
 import gc
+import importlib.util
 import os
 import signal
 import socket
@@ -94,6 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="open connections at most; beyond them new requests are answered 503",
     )
     p.add_argument("--public-docs", action="store_true", help="/docs and /openapi.json open even with --api-key")
+    p.add_argument("--ui", action="store_true", help="serve the web UI at /ui (needs gradio: the `ui` extra)")
+    p.add_argument("--ui-at-root", action="store_true", help=argparse.SUPPRESS)  # main_gr.py: / leads to /ui
     p.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument(
         "--cache-dir",
@@ -181,10 +184,15 @@ def build_pipeline(args: argparse.Namespace):
     if missing:
         raise SystemExit(f"error: without --config-path, give {' and '.join(missing)}")
     base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
-    # the original's flags-only launch: compiled only with --compile, the text encoders and the autoencoder
-    # offloaded unless --no-offload-text-enc / --no-offload-ae (what lets 16-24 GB cards run it)
-    flags_only = {"compile_blocks": False, "compile_extras": False, "offload_text_encoder": True, "offload_vae": True}
-    return FluxPipeline.load_pipeline_from_config_path(str(base), warm_up_sizes=sizes, **{**flags_only, **overrides})
+    return FluxPipeline.load_pipeline_from_config_path(str(base), warm_up_sizes=sizes, **flags_only(overrides))
+
+
+def flags_only(overrides: dict) -> dict:
+    """The config keys of a launch without --config-path, as the original's: compiled only with --compile, the
+    text encoders and the autoencoder offloaded unless --no-offload-text-enc / --no-offload-ae (what lets 16-24 GB
+    cards run it)."""
+    launch = {"compile_blocks": False, "compile_extras": False, "offload_text_encoder": True, "offload_vae": True}
+    return {**launch, **overrides}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompt is None:  # mistakes a server would meet only after minutes of loading, found first
         if args.lora_dir and not Path(args.lora_dir).is_dir():
             raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")
+        if args.ui and importlib.util.find_spec("gradio") is None:
+            raise SystemExit("error: --ui needs gradio: pip install 'flux-fp8-api[ui]'")
         listener = listen(args.host, args.port)
     from util import DEFAULTS  # after use_cache_dir: see the note at the top
 
@@ -243,7 +253,9 @@ def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
     # what loading made lives as long as the process: out of the collector's sight, a full collection no longer
     # walks the model's millions of objects, and no request waits for one
     gc.freeze()
-    settings = ServerSettings(args.max_queue_size, args.api_key, args.lora_dir, args.public_docs)
+    settings = ServerSettings(
+        args.max_queue_size, args.api_key, args.lora_dir, args.public_docs, args.ui, args.ui_at_root
+    )
     app = create_app(pipeline, settings)
     config = uvicorn.Config(
         app,

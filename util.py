@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 import encoder_quantize
+import f8_original
 import float8_quantize
 from errors import ConfigError
 from kernels import fp8_attention
@@ -127,6 +128,11 @@ def check_device(device: str, key: str) -> torch.device:
     return dev
 
 
+def read_keys(path: str) -> list[str]:
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return list(f.keys())
+
+
 def read_metadata(path: str) -> dict[str, str]:
     with safe_open(path, framework="pt", device="cpu") as f:
         return f.metadata() or {}
@@ -205,6 +211,9 @@ def _load_fp8_weights(model: Flux, config: ModelSpec, device: torch.device) -> N
     tensor; a prequantized one is read as is.
     """
     settings, dtype, path = config.f8_settings, config.flow_torch_dtype, config.ckpt_path
+    original = f8_original.fp8_layers(read_keys(path))
+    if original:
+        return _load_original_fp8(model, config, device, original)
     f8_modules = float8_quantize.swap_for_f8(model, settings, config.f8_fast_accum, dtype)
     metadata = read_metadata(path)
     if config.prequantized_flow:
@@ -225,6 +234,32 @@ def _load_fp8_weights(model: Flux, config: ModelSpec, device: torch.device) -> N
         f"fp8 flow model: {len(f8_modules)} F8Linear layers ({settings.weight_scaling} weights, "
         f"{settings.activation_scaling} activations) on {device}"
     )
+
+
+def _load_original_fp8(model: Flux, config: ModelSpec, device: torch.device, layers: set[str]) -> None:
+    """A prequantized file of the original flux-fp8-api: run with its recipe (`prequantized_flow`), or dequantized
+    and quantized again with ours (what converts it)."""
+    dtype, path = config.flow_torch_dtype, config.ckpt_path
+    if config.prequantized_flow:
+        f8_original.check_complete(read_keys(path), layers, path)
+        settings = f8_original.settings_of(layers)
+        float8_quantize.swap_for_f8(model, settings, True, dtype)  # the original always used fast accumulation
+        f8_original.announce(path, layers)
+        sd = read_safetensors(path, device, f8_original.recipe_converter(layers, dtype))
+    else:
+        settings = config.f8_settings
+        f8_modules = float8_quantize.swap_for_f8(model, settings, config.f8_fast_accum, dtype)
+        plain = f8_original.dequantized(read_safetensors(path, device), layers, dtype)
+        convert = float8_quantize.tensor_converter(f8_modules, settings, dtype, False)
+        sd = {k: v for key, t in plain.items() for k, v in convert(key, t).items()}
+        logger.info(f"{path}: the original flux-fp8-api's fp8 weights, dequantized and quantized again")
+        if settings.activation_scaling == "static_per_tensor":
+            sd.update({f"{n}.input_scale": torch.zeros((), device=device) for n in f8_modules})
+    assign_state_dict(model, sd, f"flow model {path}")
+    model.eval().requires_grad_(False)
+    float8_quantize.match_device(model, device)
+    if not config.prequantized_flow and settings.activation_scaling == "static_per_tensor":
+        float8_quantize.calibrate(model, dtype, size=config.f8_calibration_size)
 
 
 def write_prequantized(config_path: str, output: str, device: str | None = None) -> None:

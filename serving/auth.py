@@ -7,6 +7,7 @@ from serving.http_errors import error
 
 OPEN = ("/health",)
 DOCS = ("/docs", "/redoc", "/openapi.json")
+UI = ("/ui",)  # behind its own login page (serving/ui.py)
 
 
 def authorised(header: str | None, key: str) -> bool:
@@ -17,9 +18,9 @@ def authorised(header: str | None, key: str) -> bool:
 class ApiKeyGuard:
     """ASGI middleware: 401 before anything of the request is read when the key is missing or wrong."""
 
-    def __init__(self, app, key: str | None, public_docs: bool = False):
+    def __init__(self, app, key: str | None, public_docs: bool = False, ui: bool = False):
         self.app, self.key = app, key
-        self.open = OPEN + DOCS if public_docs else OPEN
+        self.open = OPEN + (DOCS if public_docs else ()) + (UI if ui else ())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.key or scope["path"].startswith(self.open):

@@ -72,7 +72,7 @@ async def lora(request: Request) -> JSONResponse:
 
         name = await run_job(load, request)
         # "status": "success" is what the original's clients check
-    return JSONResponse({"status": "success", "action": "loaded", "name": name, "scale": body.scale})
+        return JSONResponse({"status": "success", "action": "loaded", "name": name, "scale": body.scale})
 
     if body.name is not None:  # by name only: a server path given as a name must not find its LoRA
         key = body.name

@@ -9,3 +9,5 @@ class ServerSettings:
     api_key: str | None = None  # `Authorization: Bearer KEY` on every route but /health
     lora_dir: str | None = None  # POST /lora loads files from here only; None: LoRA loading off
     public_docs: bool = False  # /docs and /openapi.json open even with an API key
+    ui: bool = False  # the Gradio web UI at /ui (needs the `ui` extra)
+    ui_at_root: bool = False  # `/` redirects to the UI (main_gr.py)

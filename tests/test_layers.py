@@ -10,19 +10,19 @@ from tests.helpers import ROOT
 # float8_quantize, util and their helpers) -> modules -> kernels. Modules of one layer may import each other
 # when the graph stays acyclic.
 LAYERS = {
-    "main": 7, "replicas": 7, "configs": 7,  # entry points and tools
+    "main": 7, "main_gr": 7, "replicas": 7, "configs": 7,  # entry points and tools
     "api": 6,
     "serving": 5,
     "flux_pipeline": 4,
     "lora_loading": 3, "lora_fusing": 3, "float8_quantize": 3, "util": 3, "encoder_quantize": 3, "images": 3,
-    "cuda_graphs": 3, "errors": 3, "model_spec": 3, "legacy": 3,
+    "cuda_graphs": 3, "errors": 3, "model_spec": 3, "legacy": 3, "f8_original": 3,
     "modules": 2,
     "kernels": 1,
 }  # fmt: skip
 ENTRY = 7  # what runs under `if __name__ == "__main__":` is a script, at the entry points' layer
 # imported where used: optional packages, so installs without them work, and transformers, whose import takes
 # seconds that only loading the text encoders needs
-OPTIONAL = ("bitsandbytes", "optimum", "cudnn", "transformers")
+OPTIONAL = ("bitsandbytes", "optimum", "cudnn", "transformers", "gradio")
 # main.py imports the library after `--cache-dir` has pointed torch's caches at their folder
 DEFERRED = {"main": ("flux_pipeline", "util", "api", "serving")}
 

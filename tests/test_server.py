@@ -298,12 +298,14 @@ def test_lora_changes_the_image_and_unload_restores_the_exact_bytes(server):
     before = server.post("/generate", json=SMALL).content
     r = server.post("/lora", json={"path": "good.safetensors", "scale": 1.5})
     assert r.status_code == 200 and r.json()["name"] == "good"
+    assert r.json()["status"] == "success"  # what the original's clients check
     assert httpx.get(f"{server.url}/lora").json() == {
         "loras": [{"name": "good", "path": "good.safetensors", "scale": 1.5}]
     }
     with_lora = server.post("/generate", json=SMALL).content
     assert with_lora != before
-    assert server.post("/lora", json={"name": "good", "action": "unload"}).status_code == 200
+    unloaded = server.post("/lora", json={"name": "good", "action": "unload"})
+    assert unloaded.status_code == 200 and unloaded.json()["status"] == "success"
     assert server.post("/generate", json=SMALL).content == before
     assert server.post("/lora", json={"name": "good", "action": "unload"}).status_code == 404
     assert server.post("/lora", json={"path": "good.safetensors", "scale": "big"}).status_code == 422
