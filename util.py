@@ -193,10 +193,14 @@ def load_flow_model(config: ModelSpec, options: KernelOptions = KernelOptions())
         assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
         if config.flow_quantization_dtype in encoder_quantize.QUANTO_TYPES:  # weight-only: the fp8 layers' set
             settings = config.f8_settings
+            # quanto's 4-bit weights are grouped by 128 inputs; a layer with fewer or an odd count stays as it is
+            group = 128 if config.flow_quantization_dtype == "qint4" else 1
             names = [
                 n
                 for n, m in model.named_modules()
-                if isinstance(m, nn.Linear) and float8_quantize.quantized_layer(n, settings)
+                if isinstance(m, nn.Linear)
+                and float8_quantize.quantized_layer(n, settings)
+                and m.in_features % group == 0
             ]
             encoder_quantize.quanto_quantize(model, config.flow_quantization_dtype, include=names)
     if options.fp8_attention:

@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 import util
 from flux_pipeline import FluxPipeline
 from main import config_overrides, flags_only, parse_args
-from model_spec import ModelSpec
+from model_spec import ModelSpec, spec_from_dict
 from modules import sampling
-from tests.helpers import ROOT, TINY_CONFIG, free_port
+from modules.flux_model import Flux, FluxParams
+from tests.helpers import ROOT, TINY_CONFIG, free_port, random_inputs
 
 # The original's configs by what sets them apart (its `configs/`, paths and devices aside); the rest of each is
 # the tiny model's.
@@ -273,3 +274,39 @@ def test_the_originals_prequantized_file_converts_to_ours(tiny_cfg, tmp_path, wr
     a = np.asarray(pipe.generate_images("a cat", 128, 128, 2, seed=2)[0][0])
     assert np.array_equal(np.asarray(again.generate_images("a cat", 128, 128, 2, seed=2)[0][0]), a)
     assert json.loads(json.dumps(util.read_metadata(str(converted))))["format"] == "flux-fp8-api/f8"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flow_dtype", ["float16", "bfloat16"])
+def test_the_originals_recipe_on_cuda_is_its_math(tiny_cfg, tmp_path, flow_dtype):
+    path = tmp_path / "flux_fp8.safetensors"
+    sd = {k: v.cuda() for k, v in write_original_prequantized(tiny_cfg, path).items()}
+    cuda = dict(flux_device="cuda:0", text_enc_device="cuda:0", ae_device="cuda:0", flow_dtype=flow_dtype)
+    pipe = FluxPipeline.load_pipeline_from_config(
+        dict(tiny_cfg, **cuda, ckpt_path=str(path), prequantized_flow=True, cuda_graphs=False)
+    )
+    dtype = getattr(torch, flow_dtype)
+    for module in ("double_blocks.0.img_attn.qkv", "single_blocks.1.linear2", "double_blocks.1.txt_mlp.2"):
+        layer = pipe.model.get_submodule(module)
+        x = torch.randn(33, layer.in_features, generator=torch.Generator().manual_seed(2)).to("cuda", dtype) * 3
+        assert torch.equal(layer(x), original_linear(sd, module, x, dtype)), module
+    images, _ = pipe.generate_images("a cat", 256, 256, 3, seed=1)
+    assert np.asarray(images[0]).std() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant, bound", [("qint8", 0.02), ("qint4", 0.05)])
+def test_quanto_flow_weights_on_cuda(tiny_cfg, tmp_path, quant, bound):
+    # wide enough for quanto's 4-bit groups of 128 inputs (the tiny model's 64 are left unquantized)
+    params = dict(tiny_cfg["params"], hidden_size=256, num_heads=2, axes_dim=[16, 56, 56])
+    torch.manual_seed(0)
+    model = Flux(FluxParams(**params))
+    save_file({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, str(tmp_path / "flow.safetensors"))
+    config = dict(tiny_cfg, params=params, ckpt_path=str(tmp_path / "flow.safetensors"), flux_device="cuda:0")
+    reference = util.load_flow_model(spec_from_dict(dict(config, flow_quantization_dtype="bfloat16")))
+    quantized = util.load_flow_model(spec_from_dict(dict(config, flow_quantization_dtype=quant)))
+    assert type(quantized.double_blocks[0].img_attn.qkv).__name__ == "QLinear"
+    inputs = {k: v.to("cuda", torch.bfloat16) for k, v in random_inputs(params).items()}
+    with torch.no_grad():
+        ref, out = reference(**inputs).float(), quantized(**inputs).float()
+    assert ((out - ref).norm() / ref.norm()).item() < bound
