@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import main_gr
 from float8_quantize import F8Linear
 from flux_pipeline import WARM_UP_SIZES, FluxPipeline
 from main import build_pipeline, config_overrides, parse_args, use_cache_dir
@@ -96,3 +97,14 @@ def test_cache_dir_that_cannot_be_made_is_a_clear_error(tmp_path, monkeypatch):
     assert parse_args([]).cache_dir == os.environ.get("FLUX_CACHE_DIR")
     monkeypatch.setenv("FLUX_CACHE_DIR", str(tmp_path / "from-env"))
     assert parse_args([]).cache_dir == str(tmp_path / "from-env")
+
+
+def test_main_gr_starts_the_server_with_the_ui_at_root(monkeypatch):
+    seen = []
+    monkeypatch.setattr(main_gr.main, "main", seen.append)
+    main_gr.run(["--config", "configs/config-tiny-cpu.json", "--port", "7861", "--lora-dir", "loras"])
+    args = parse_args(seen[0])
+    assert (args.config_path, args.port, args.ui, args.ui_at_root) == ("configs/config-tiny-cpu.json", 7861, True, True)
+    assert args.lora_dir == "loras" and args.host == "127.0.0.1"
+    with pytest.raises(SystemExit, match="--share"):
+        main_gr.run(["--share"])
