@@ -5,12 +5,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from loguru import logger
 
 from flux_pipeline import FluxPipeline
-from serving import generate, health, http_errors, lora, ui
+from serving import generate, health, http_errors, job_routes, lora, openai_routes, ui
+from serving import metrics as metrics_routes
 from serving.auth import ApiKeyGuard
 from serving.body_limit import BodyLimit
+from serving.job_routes import JobRegistry
+from serving.lora import current_loras
+from serving.metrics import CountRequests, Metrics
 from serving.request_context import RequestContext
 from serving.settings import ServerSettings
 from serving.worker import Worker
@@ -32,6 +37,7 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
         if app.state.pipeline is None:
             raise RuntimeError("no pipeline: set app.state.model = FluxPipeline.load_pipeline_from_config_path(...)")
         app.state.model = app.state.pipeline
+        app.state.base_loras = current_loras(app.state.pipeline)  # what POST /lora changes; requests may differ
         worker.start()
         app.state.ready = True
         yield
@@ -39,11 +45,27 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
         await asyncio.to_thread(worker.stop)
 
     app = FastAPI(title="flux-fp8-api", lifespan=lifespan)
-    # outermost last: every request gets its id, then the key is checked, then the body is bounded as it is read
+    metrics = Metrics(worker)
+    worker.observe_wait = metrics.queue_seconds.observe
+    worker.observe_error = lambda e: metrics.errors.labels(type(e).__name__).inc()
+    # outermost last: CORS answers preflights (they carry no key), every request is counted and gets its id,
+    # then the key is checked, then the body is bounded as it is read
     app.add_middleware(BodyLimit)
     # the UI has its own login (a browser sends no bearer header)
-    app.add_middleware(ApiKeyGuard, key=settings.api_key, public_docs=settings.public_docs, ui=settings.ui)
+    app.add_middleware(
+        ApiKeyGuard, key=settings.api_key, public_docs=settings.public_docs, ui=settings.ui,
+        public_metrics=settings.public_metrics,
+    )  # fmt: skip
     app.add_middleware(RequestContext)
+    app.add_middleware(CountRequests, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"],
+            expose_headers=["X-Seed", "X-Request-Id", "X-Inference-Time"],
+        )  # fmt: skip
+    app.state.metrics = metrics
+    app.state.jobs = JobRegistry()
+    app.state.base_loras = {}
     app.state.pipeline = pipeline
     if pipeline is not None:
         app.state.model = pipeline  # the original's name for it
@@ -60,7 +82,7 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
 
     app.state.drain = drain
     http_errors.install(app)
-    for module in (health, generate, lora):
+    for module in (health, generate, lora, job_routes, openai_routes, metrics_routes):
         app.include_router(module.router)
     build_schema = app.openapi
 

@@ -6,6 +6,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from cuda_graphs import GraphedFlow
 from errors import Cancelled, InvalidInput, LoraNotLoaded
 from float8_quantize import match_device
-from images import cover_crop, encode_image, load_image, to_tensor
+from images import PARAMETERS, cover_crop, encode_image, load_image, parameters_text, to_tensor
 from kernels.options import KernelOptions
 from legacy import OriginalSurface, coerce_seed
 from lora_fusing import LoraFuser, PipelineLoras
@@ -240,11 +241,13 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         strength: float = DEFAULTS.strength,
         allow_image_path: bool = True,
         prompt_emphasis: bool | None = None,
+        on_latents: Callable[[int, Tensor], None] | None = None,
     ) -> tuple[list[Image.Image], int]:
         """The lower-level call: PIL images and the seed. `num_steps` None: the version's default (`default_steps`;
         flux-schnell ignores `guidance`). `callback(step, total)` runs after every step; setting `cancel` stops
         between steps with `Cancelled`. With `init_image`, img2img: the image is encoded and noised to the
-        timestep `strength` selects (1.0: pure noise, 0.0: no change). `prompt_emphasis`: see `encode_prompt`."""
+        timestep `strength` selects (1.0: pure noise, 0.0: no change). `prompt_emphasis`: see `encode_prompt`.
+        `on_latents(step, latents)`: the packed latents after each step (for previews)."""
         num_steps = self.default_steps if num_steps is None else num_steps
         if not isinstance(prompt, str):
             raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
@@ -267,7 +270,9 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
             txt, vec = self.encode_prompt(prompt, num_images, prompt_emphasis)
             _finish(txt)  # the phases' times in the log are the GPU's, not only the launches'
             t_text = time.perf_counter()
-            noise = sampling.get_noise(num_images, height, width, seed)
+            # one seed per image (seed, seed + 1, ...): each image is regenerated alone from its own seed
+            seeds = [(seed + i) % (LIMITS.max_seed + 1) for i in range(num_images)]
+            noise = torch.cat([sampling.get_noise(1, height, width, s) for s in seeds])
             img = sampling.pack(noise).to(self.flux_device)
             img_ids = sampling.img_ids(num_images, height, width).to(self.flux_device)
             txt_ids = sampling.txt_ids(num_images, txt.shape[1]).to(self.flux_device)
@@ -281,7 +286,7 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
             with self._on(self.model, self.flux_device, self.config.offload_flow):
                 img = sampling.denoise(
                     self.step_model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback,
-                    None if cancel is None else functools.partial(_stop_if_set, cancel),
+                    None if cancel is None else functools.partial(_stop_if_set, cancel), on_latents,
                 )  # fmt: skip
             _finish(img)
             t_denoise = time.perf_counter()
@@ -292,12 +297,32 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
                 f"{t_text - start:.2f} s, denoise {t_denoise - t_text:.2f} s, "
                 f"decode {time.perf_counter() - t_denoise:.2f} s"
             )
+        settings = {
+            "Steps": num_steps, "Sampler": "Euler", "Guidance": guidance, "Size": f"{width}x{height}",
+            "Model": self.config.version, "Software": "flux-fp8-api", "AI generated": "yes",
+        }  # fmt: skip
+        if init is not None:
+            settings["Denoising strength"] = strength
+        if self.loras.loaded:
+            settings["LoRAs"] = '"' + ", ".join(f"{n}:{lora.scale:g}" for n, lora in self.loras.loaded.items()) + '"'
+        for image, image_seed in zip(images, seeds, strict=True):
+            image.info[PARAMETERS] = parameters_text(prompt, {**settings, "Seed": image_seed})
+            image.info["seed"] = image_seed
         return images, seed
 
     def encode_image(self, image: Image.Image, width: int, height: int) -> Tensor:
         """(1, 16, H/8, W/8) float32 latent of the image, cover-resized and centre-cropped to width x height."""
         x = to_tensor(cover_crop(image, width, height)).to(self.ae_device, self.ae.dtype)
         return self.ae.encode(x).float()
+
+    @staticmethod
+    def preview(latents: Tensor, height: int, width: int) -> Image.Image:
+        """A rough look at packed latents, at 1/8 of the image's size: three of the 16 latent channels as RGB,
+        each stretched to its range. Costs no autoencoder pass."""
+        x = sampling.unpack(latents[:1].float(), height, width)[0, :3]
+        low, high = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
+        pixels = ((x - low) / (high - low).clamp(min=1e-6) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(pixels)
 
     def decode(self, img: Tensor, height: int, width: int) -> list[Image.Image]:
         latents = sampling.unpack(img.float(), height, width).to(self.ae_device, self.ae.dtype)

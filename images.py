@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from errors import InvalidInput
@@ -125,16 +126,57 @@ def to_tensor(image: Image.Image) -> Tensor:
 FORMATS = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}  # output format -> media type
 
 
-def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 99) -> bytes:
-    """A generated image as JPEG, PNG (lossless; `quality` unused) or WebP bytes."""
+PARAMETERS = "parameters"  # the key A1111, ComfyUI and image viewers read generation parameters from
+# IPTC's digital source type for media made by a trained model: what "AI generated" labels read
+AI_SOURCE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+XMP = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/" '
+    'xmlns:dc="http://purl.org/dc/elements/1.1/" Iptc4xmpExt:DigitalSourceType="{source}">'
+    '<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{text}</rdf:li></rdf:Alt></dc:description>'
+    "</rdf:Description></rdf:RDF></x:xmpmeta>"
+)
+
+
+def parameters_text(prompt: str, settings: dict) -> str:
+    """Generation parameters in A1111's layout: the prompt, then one line of `Key: value` pairs."""
+    return prompt + "\n" + ", ".join(f"{key}: {value}" for key, value in settings.items())
+
+
+def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 99, metadata: bool = True) -> bytes:
+    """A generated image as JPEG, PNG (lossless; `quality` unused) or WebP bytes. With `metadata`, the image's
+    `info["parameters"]` (set by `FluxPipeline.generate_images`) is written where tools look for it: a PNG text
+    chunk `parameters`, or EXIF (ImageDescription, UserComment) and XMP for JPEG and WebP, with the IPTC mark of
+    AI-generated media."""
     buffer = io.BytesIO()
+    text = image.info.get(PARAMETERS) if metadata else None
+    extra: dict[str, Any] = {}
+    if text and fmt == "png":
+        info = PngInfo()
+        info.add_text(PARAMETERS, text)
+        info.add_text("Software", "flux-fp8-api")
+        info.add_text("DigitalSourceType", AI_SOURCE)
+        extra["pnginfo"] = info
+    elif text:
+        exif = Image.Exif()
+        exif[0x010E] = text  # ImageDescription
+        exif[0x0131] = "flux-fp8-api"  # Software
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\x00" + text.encode("utf-16-be")  # UserComment, as A1111 writes it
+        escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        extra.update(exif=exif, xmp=XMP.format(source=AI_SOURCE, text=escaped).encode())
     if fmt == "jpeg":
         # full-resolution colour at high quality: chroma subsampling would cost more than the quality buys
-        image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+        image.save(buffer, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2, **extra)
     elif fmt == "png":
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", **extra)
     elif fmt == "webp":
-        image.save(buffer, format="WEBP", quality=quality)
+        image.save(buffer, format="WEBP", quality=quality, **extra)
     else:
         raise InvalidInput(f"output format must be one of {sorted(FORMATS)}, got {fmt!r}")
     return buffer.getvalue()
+
+
+def read_parameters(data: bytes) -> str | None:
+    """The parameters text an encoded image carries (PNG chunk, else EXIF ImageDescription), or None."""
+    image = Image.open(io.BytesIO(data))
+    return image.info.get(PARAMETERS) or image.getexif().get(0x010E)

@@ -15,6 +15,7 @@ import uvicorn
 from loguru import logger
 
 from errors import FluxError
+from serving import logs
 from serving.settings import ServerSettings
 
 # The library (and torch with it) is imported in `build_pipeline`, after `--cache-dir` has pointed the compile
@@ -97,6 +98,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--public-docs", action="store_true", help="/docs and /openapi.json open even with --api-key")
     p.add_argument("--ui", action="store_true", help="serve the web UI at /ui (needs gradio: the `ui` extra)")
     p.add_argument("--ui-at-root", action="store_true", help=argparse.SUPPRESS)  # main_gr.py: / leads to /ui
+    p.add_argument("--no-metadata", action="store_true", help="no generation parameters in the image files")
+    p.add_argument("--public-metrics", action="store_true", help="/metrics open even with --api-key")
+    p.add_argument(
+        "--cors-origin", action="append", default=[], help="a browser origin allowed to call the API (repeatable)"
+    )
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--api-key", default=os.environ.get("FLUX_API_KEY"), help="require 'Authorization: Bearer KEY'")
     p.add_argument(
         "--cache-dir",
@@ -197,6 +204,8 @@ def flags_only(overrides: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.prompt is None:
+        logs.configure(json_lines=args.log_json)
     if args.cache_dir:
         use_cache_dir(args.cache_dir)
     listener = None
@@ -254,11 +263,13 @@ def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
     # walks the model's millions of objects, and no request waits for one
     gc.freeze()
     settings = ServerSettings(
-        args.max_queue_size, args.api_key, args.lora_dir, args.public_docs, args.ui, args.ui_at_root
-    )
+        args.max_queue_size, args.api_key, args.lora_dir, args.public_docs, args.ui, args.ui_at_root,
+        metadata=not args.no_metadata, public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin),
+    )  # fmt: skip
     app = create_app(pipeline, settings)
     config = uvicorn.Config(
         app,
+        log_config=None,  # uvicorn's lines go through `serving.logs`, in the server's one format
         log_level="info",
         http=HeaderDeadlineProtocol,  # h11, whose connections can be given a deadline for their headers
         limit_concurrency=args.max_connections,

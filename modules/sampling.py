@@ -74,12 +74,14 @@ def denoise(
     guidance: float = 4.0,
     callback: StepCallback | None = None,
     before_step: StepCallback | None = None,
+    on_latents: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Euler integration of the flow from timesteps[0] to timesteps[-1].
 
     `img` stays float32 between steps (the model sees it in its own dtype) so rounding does not accumulate.
     `callback(step, total)` runs after every step, `before_step(step, total)` before it (the step about to run,
-    counted from 1): either may raise to stop the loop between steps.
+    counted from 1): either may raise to stop the loop between steps. `on_latents(step, img)` sees the packed
+    latents after each step (previews).
     A model with `modulation_table` (the flow model, or its CUDA-graph wrapper) gets every step's modulations
     computed up front, once per image.
     """
@@ -99,6 +101,8 @@ def denoise(
             **({} if table is None else {"mods": table[step]}),
         )  # fmt: skip
         img = img + (t_prev - t_curr) * pred.float()
+        if on_latents is not None:
+            on_latents(step + 1, img)
         if callback is not None:
             callback(step + 1, total)
     return img

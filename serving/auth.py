@@ -18,9 +18,11 @@ def authorised(header: str | None, key: str) -> bool:
 class ApiKeyGuard:
     """ASGI middleware: 401 before anything of the request is read when the key is missing or wrong."""
 
-    def __init__(self, app, key: str | None, public_docs: bool = False, ui: bool = False):
+    def __init__(self, app, key: str | None, public_docs: bool = False, ui: bool = False, public_metrics: bool = False):
         self.app, self.key = app, key
-        self.open = OPEN + (DOCS if public_docs else ()) + (UI if ui else ())
+        self.open = (
+            OPEN + (DOCS if public_docs else ()) + (UI if ui else ()) + (("/metrics",) if public_metrics else ())
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.key or scope["path"].startswith(self.open):

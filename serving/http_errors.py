@@ -24,8 +24,11 @@ KINDS = {
 }
 
 
-def error(status: int, message: str, kind: str | None = None, headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind or KINDS.get(status, "error")}}
+def error(
+    status: int, message: str, kind: str | None = None, headers: dict | None = None, param: str | None = None
+) -> JSONResponse:
+    """The error answer; `param` and `code` complete OpenAI's shape, which its clients read on every route."""
+    body = {"error": {"message": message, "type": kind or KINDS.get(status, "error"), "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -50,7 +53,12 @@ ERROR_SCHEMA = {
     "properties": {
         "error": {
             "type": "object",
-            "properties": {"message": {"type": "string"}, "type": {"type": "string"}},
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
             "required": ["message", "type"],
         }
     },
@@ -77,6 +85,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):  # OpenAI's API answers invalid input with 400 naming the param
+            loc = [str(p) for p in exc.errors()[0]["loc"] if p != "body"] if exc.errors() else []
+            return error(400, validation_message(exc.errors()), "invalid_request_error", param=".".join(loc) or None)
         return error(422, validation_message(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)

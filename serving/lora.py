@@ -64,11 +64,15 @@ async def lora(request: Request) -> JSONResponse:
     pipeline = request.app.state.pipeline
     if lora_dir is None:
         raise HTTPException(403, "LoRA loading is disabled: start the server with --lora-dir")
+    app = request.app
     if body.action == "load":
         full = resolve_lora_path(lora_dir, body.path)
 
         def load(cancel: threading.Event) -> str:
-            return pipeline.load_lora(full, scale=body.scale, name=body.name)
+            use_loras(app, None)  # the server's own set, should a request's LoRAs be in place
+            name = pipeline.load_lora(full, scale=body.scale, name=body.name)
+            app.state.base_loras = current_loras(pipeline)
+            return name
 
         name = await run_job(load, request)
         # "status": "success" is what the original's clients check
@@ -76,13 +80,61 @@ async def lora(request: Request) -> JSONResponse:
 
     if body.name is not None:  # by name only: a server path given as a name must not find its LoRA
         key = body.name
-        if key not in {lora["name"] for lora in pipeline.list_loras()}:
+        if key not in app.state.base_loras:
             raise LoraNotLoaded(key)
     else:
         key = str(resolve_lora_path(lora_dir, body.path))
 
     def unload(cancel: threading.Event) -> None:
+        use_loras(app, None)
         pipeline.unload_lora(key)
+        app.state.base_loras = current_loras(pipeline)
 
     await run_job(unload, request)
     return JSONResponse({"status": "success", "action": "unloaded", "name": body.name or shown_path(lora_dir, key)})
+
+
+Wanted = dict[str, tuple[str, float]]  # LoRA name -> (file path, scale)
+
+
+def current_loras(pipeline) -> Wanted:
+    return {lora["name"]: (lora["path"], lora["scale"]) for lora in pipeline.list_loras()}
+
+
+def resolve_request_loras(app, choices) -> Wanted | None:
+    """A request's `loras` as files inside the LoRA directory (HTTP errors for bad ones, before any work is
+    queued); None when the request names none, to run with the server's own set."""
+    if choices is None:
+        return None
+    lora_dir = app.state.lora_dir
+    if choices and lora_dir is None:
+        raise HTTPException(403, "LoRA loading is disabled: start the server with --lora-dir")
+    wanted: Wanted = {}
+    for choice in choices:
+        if choice.path is not None:
+            full = resolve_lora_path(lora_dir, choice.path)
+            name = full.stem
+        elif choice.name in app.state.base_loras:
+            name, full = choice.name, app.state.base_loras[choice.name][0]
+        else:
+            name, full = choice.name, resolve_lora_path(lora_dir, f"{choice.name}.safetensors")
+        wanted[name] = (str(full), choice.scale)
+    return wanted
+
+
+def use_loras(app, wanted: Wanted | None) -> int:
+    """On the worker, before a job: make the fused LoRAs `wanted` (None: the server's own set), changing only what
+    differs, so that consecutive jobs wanting the same set pay nothing. Returns the loads and unloads made."""
+    pipeline = app.state.pipeline
+    wanted = app.state.base_loras if wanted is None else wanted
+    loaded = current_loras(pipeline)
+    swaps = 0
+    for name, (path, _) in loaded.items():
+        if name not in wanted or wanted[name][0] != path:
+            pipeline.unload_lora(name)
+            swaps += 1
+    for name, (path, scale) in wanted.items():
+        if loaded.get(name) != (path, scale):
+            pipeline.load_lora(path, scale=scale, name=name)
+            swaps += 1
+    return swaps

@@ -7,6 +7,7 @@ from loguru import logger
 from starlette.datastructures import MutableHeaders
 
 from serving.http_errors import error
+from serving.logs import REQUEST_ID
 
 
 def request_id(scope) -> str:
@@ -24,6 +25,7 @@ class RequestContext:
             return await self.app(scope, receive, send)
         rid = request_id(scope)
         scope.setdefault("state", {})["request_id"] = rid
+        REQUEST_ID.set(rid)  # every log line of this request's work carries it (serving.logs)
         started = False
 
         async def send_with_id(message):

@@ -18,6 +18,25 @@ MAX_INIT_IMAGE_CHARS = 4 * LIMITS.max_init_image_bytes // 3 + 128  # base64 of t
 _SIZE = dict(ge=LIMITS.min_size, le=LIMITS.max_size, multiple_of=LIMITS.size_multiple)
 
 
+class LoraChoice(BaseModel):
+    """A LoRA for one request: a file inside the LoRA directory (`path`), or a `name` (a LoRA loaded with
+    POST /lora, else the file `<name>.safetensors` there)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    path: str | None = Field(default=None, min_length=1, max_length=1024)
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    scale: float = Field(default=1.0, ge=-10, le=10, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one(self) -> "LoraChoice":
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give a path or a name")
+        return self
+
+
+MAX_REQUEST_LORAS = 8
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: `true` is not 1 step, "7" is not a seed
 
@@ -39,6 +58,11 @@ class GenerateRequest(BaseModel):
     output_format: Literal[tuple(FORMATS)] = "jpeg"
     jpeg_quality: int = Field(default=DEFAULTS.jpeg_quality, ge=1, le=100)
     prompt_emphasis: bool | None = Field(default=None, description="(word:1.5) weights; default: the config's (on)")
+    loras: list[LoraChoice] | None = Field(
+        default=None,
+        max_length=MAX_REQUEST_LORAS,
+        description="LoRAs for this request only (none: the server's set from POST /lora; [] for no LoRA)",
+    )
     _image: Image.Image | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")

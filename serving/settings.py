@@ -11,3 +11,6 @@ class ServerSettings:
     public_docs: bool = False  # /docs and /openapi.json open even with an API key
     ui: bool = False  # the Gradio web UI at /ui (needs the `ui` extra)
     ui_at_root: bool = False  # `/` redirects to the UI (main_gr.py)
+    metadata: bool = True  # generation parameters written into the image files
+    public_metrics: bool = False  # /metrics open even with an API key
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API

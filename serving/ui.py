@@ -17,7 +17,7 @@ from fastapi.responses import RedirectResponse
 from loguru import logger
 
 from errors import Cancelled, FluxError
-from serving.lora import resolve_lora_path
+from serving.lora import resolve_lora_path, use_loras
 from serving.settings import ServerSettings
 from serving.worker import QueueFull
 from util import DEFAULTS, LIMITS
@@ -42,6 +42,7 @@ def generation_job(app: FastAPI, args: dict, lora: str | None, lora_scale: float
         steps.update(step=step, total=total)
 
     def run(cancel: threading.Event):
+        use_loras(app, None)  # the server's own set, should a request's LoRAs be in place
         name = None
         if lora is not None and all(entry["path"] != lora for entry in pipeline.list_loras()):
             name = pipeline.load_lora(lora, scale=lora_scale, name=f"ui:{Path(lora).name}")

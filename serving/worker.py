@@ -1,11 +1,15 @@
 """One worker thread running jobs in order from a bounded queue: never two GPU jobs at once."""
 
+import contextvars
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from errors import Cancelled
 
@@ -19,6 +23,9 @@ class Job:
     run: Callable[[threading.Event], Any]
     future: Future
     cancel: threading.Event
+    # the submitter's context (its request id for the log lines, serving.logs), in which the job runs
+    context: contextvars.Context = field(default_factory=contextvars.copy_context)
+    submitted: float = field(default_factory=time.monotonic)
 
 
 class Worker:
@@ -31,6 +38,9 @@ class Worker:
         self.current: Job | None = None  # the job running now
         self.completed = 0
         self.cancelled = 0
+        self.fatal: str | None = None  # a CUDA error the device may not recover from: /health/ready turns 503
+        self.observe_wait: Callable[[float], None] | None = None  # seconds a job waited (metrics)
+        self.observe_error: Callable[[BaseException], None] | None = None
 
     def start(self) -> None:
         self.thread.start()
@@ -81,13 +91,28 @@ class Worker:
                 job.future.set_exception(Cancelled("cancelled before it started"))
                 continue
             self.running, self.current = 1, job
+            if self.observe_wait is not None:
+                self.observe_wait(time.monotonic() - job.submitted)
             try:
-                job.future.set_result(job.run(job.cancel))
+                job.future.set_result(job.context.run(job.run, job.cancel))
                 self.completed += 1
             except Cancelled as e:
                 self.cancelled += 1
                 job.future.set_exception(e)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                if is_fatal(e):
+                    self.fatal = f"{type(e).__name__}: {e}"[:500]
+                if self.observe_error is not None:
+                    self.observe_error(e)
                 job.future.set_exception(e)
             finally:
                 self.running, self.current = 0, None
+
+
+def is_fatal(e: BaseException) -> bool:
+    """A CUDA error other than running out of memory: the context may be unusable until the process restarts."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(e, getattr(torch, "AcceleratorError", ())) or (
+        isinstance(e, RuntimeError) and "CUDA error" in str(e)
+    )

@@ -72,12 +72,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, log_path: Path | None = None):
         self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "main.py", "--config-path", str(TINY_CONFIG), "--port", str(self.port), *args]
-        self.log = open(os.devnull, "w")  # noqa: SIM115
+        self.log = open(log_path or os.devnull, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
@@ -116,8 +116,8 @@ class Server:
 
 
 @contextmanager
-def running_server(*args: str, env: dict | None = None):
-    server = Server(*args, env=env)
+def running_server(*args: str, env: dict | None = None, log_path: Path | None = None):
+    server = Server(*args, env=env, log_path=log_path)
     try:
         yield server
     finally:
