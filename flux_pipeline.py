@@ -344,6 +344,7 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         num_images: int = DEFAULTS.num_images,
         return_seed: bool = False,
         jpeg_quality: int = DEFAULTS.jpeg_quality,
+        prompt_emphasis: bool | None = None,
     ) -> io.BytesIO | list[io.BytesIO] | tuple[io.BytesIO | list[io.BytesIO], int]:
         """JPEG bytes of one image (a list when `num_images > 1`), and the seed with `return_seed`."""
         if not 1 <= jpeg_quality <= 100:
@@ -362,6 +363,7 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
                 callback=None if bar is None else lambda step, total: bar.update(1),
                 init_image=init_image,
                 strength=strength,
+                prompt_emphasis=prompt_emphasis,
             )
         finally:
             if bar is not None:

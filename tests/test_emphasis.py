@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from flux_pipeline import FluxPipeline
 from modules.emphasis import parse_emphasis
@@ -41,11 +43,14 @@ def test_weights_scale_the_t5_tokens(emphasis_pipeline):
     assert changed.any()
 
 
-def test_off_by_default_keeps_brackets_literal(bf16_pipeline, emphasis_pipeline):
-    literal = bf16_pipeline.generate("a (red:1.5) fox", 128, 96, 2, seed=1, silent=True).getvalue()
-    emphasised = emphasis_pipeline.generate("a (red:1.5) fox", 128, 96, 2, seed=1, silent=True).getvalue()
-    neutral = emphasis_pipeline.generate("a (red:1.0) fox", 128, 96, 2, seed=1, silent=True).getvalue()
-    plain = bf16_pipeline.generate("a red fox", 128, 96, 2, seed=1, silent=True).getvalue()
-    assert literal != plain  # parentheses and ':1.5' are prompt text when emphasis is off
-    assert emphasised != neutral
-    assert neutral == plain  # weight 1.0 is the plain prompt
+def test_on_by_default_and_off_keeps_brackets_literal(bf16_pipeline):
+    def image(prompt, **kw):
+        jpeg = bf16_pipeline.generate(prompt, 128, 96, 2, seed=1, silent=True, **kw)
+        return np.asarray(Image.open(jpeg).convert("RGB"))
+
+    literal = image("a (red:1.5) fox", prompt_emphasis=False)
+    emphasised, neutral = image("a (red:1.5) fox"), image("a (red:1.0) fox")
+    plain = image("a red fox")
+    assert not np.array_equal(literal, plain)  # parentheses and ':1.5' are prompt text when emphasis is off
+    assert not np.array_equal(emphasised, neutral)
+    assert np.array_equal(neutral, plain)  # weight 1.0 is the plain prompt

@@ -23,9 +23,9 @@ def pixels(jpeg) -> np.ndarray:
 
 
 def test_strength_one_is_txt2img(bf16_pipeline):
-    a = bf16_pipeline.generate("a boat", seed=4, **SMALL).getvalue()
-    b = bf16_pipeline.generate("a boat", seed=4, init_image=gradient(200, 80), strength=1.0, **SMALL).getvalue()
-    assert a == b
+    a = bf16_pipeline.generate("a boat", seed=4, **SMALL)
+    b = bf16_pipeline.generate("a boat", seed=4, init_image=gradient(200, 80), strength=1.0, **SMALL)
+    assert np.array_equal(pixels(a), pixels(b))  # the files differ: their parameters name the strength
 
 
 def test_strength_zero_is_the_reconstruction(bf16_pipeline):

@@ -82,6 +82,9 @@ def test_api_key(strict_server, monkeypatch):
     ok = s.post("/generate", json=SMALL, headers=AUTH)
     assert ok.status_code == 200 and "s3cret" not in json.dumps(dict(ok.headers))
     assert httpx.get(f"{s.url}/health").status_code == 200
+    assert httpx.get(f"{s.url}/metrics").status_code == 401  # without --public-metrics
+    assert "flux_requests_total" in httpx.get(f"{s.url}/metrics", headers=AUTH).text
+    assert httpx.get(f"{s.url}/health/ready").status_code == 200  # probes need no key
     # the key may come from the environment instead of the command line (kept out of `ps`)
     monkeypatch.setenv("FLUX_API_KEY", "from-env")
     assert parse_args([]).api_key == "from-env"
