@@ -14,6 +14,7 @@ from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import float8_quantize
+import hub
 from errors import ConfigError
 from float8_quantize import F8Settings
 
@@ -60,7 +61,6 @@ RENAMED_KEYS = {
     "flux_offload": "offload_flow",
 }
 IGNORED_KEYS = ("num_to_quant", "quantize_extras")
-QUIET_KEYS = ("repo_id", "repo_flow", "repo_ae")  # the original's informational keys: accepted without a word
 
 
 class ModelVersion(str, Enum):
@@ -119,8 +119,12 @@ class ModelSpec(BaseModel):
     version: ModelVersion
     params: FluxParamsSpec
     ae_params: AutoEncoderParamsSpec
-    ckpt_path: str
-    ae_path: str
+    # a local file, "org/repo:file.safetensors", or None with repo_id + repo_flow / repo_ae (hub.py)
+    ckpt_path: str | None = None
+    ae_path: str | None = None
+    repo_id: str | None = None
+    repo_flow: str | None = None
+    repo_ae: str | None = None
     text_enc_path: str
     clip_path: str = "openai/clip-vit-large-patch14"
     text_enc_max_length: int | None = Field(default=None, gt=0, le=4096)
@@ -170,10 +174,10 @@ class ModelSpec(BaseModel):
 
     @field_validator("ckpt_path", "ae_path")
     @classmethod
-    def _file_exists(cls, value: str, info) -> str:
-        if not Path(value).expanduser().is_file():
-            raise ValueError(f"{info.field_name}: file not found: {value}")
-        return str(Path(value).expanduser())
+    def _file_exists(cls, value: str | None, info) -> str | None:
+        if value is None or hub.is_reference(value):
+            return value  # found (or downloaded) when the model loads
+        return str(Path(value).expanduser())  # checked with the repo keys in `_consistent`
 
     @field_validator("text_enc_path", "clip_path")
     @classmethod
@@ -189,6 +193,16 @@ class ModelSpec(BaseModel):
         head_dim = self.params.hidden_size // self.params.num_heads
         if self.params.hidden_size % self.params.num_heads or sum(self.params.axes_dim) != head_dim:
             raise ValueError(f"params.axes_dim {self.params.axes_dim} must sum to hidden_size / num_heads")
+        for key, repo_file in (("ckpt_path", "repo_flow"), ("ae_path", "repo_ae")):
+            value, in_repo = getattr(self, key), bool(self.repo_id and getattr(self, repo_file))
+            if value is not None and not hub.is_reference(value) and not Path(value).is_file():
+                if not in_repo:
+                    raise ValueError(f"{key}: file not found: {value}")
+                # the original's configs name the author's files and the repo they came from: the repo then
+                logger.warning(f"{key} {value} not found: using {self.repo_id}:{getattr(self, repo_file)}")
+                object.__setattr__(self, key, None)
+            elif value is None and not in_repo:
+                raise ValueError(f"{key}: give a file, 'org/repo:file.safetensors', or repo_id and {repo_file}")
         if self.text_enc_max_length is None:
             self.text_enc_max_length = 256 if self.version == "flux-schnell" else 512
         return self
@@ -228,8 +242,6 @@ def renamed_keys(data: dict) -> dict:
         if key in data:
             logger.warning(f"config key '{key}' is ignored (kept for compatibility with older configs)")
             data.pop(key)
-    for key in QUIET_KEYS:
-        data.pop(key, None)
     return data
 
 

@@ -15,6 +15,7 @@ from torch import nn
 import encoder_quantize
 import f8_original
 import float8_quantize
+import hub
 from errors import ConfigError
 from kernels import fp8_attention
 from kernels.options import KernelOptions
@@ -118,6 +119,11 @@ def into_device(device: str | int | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def flow_checkpoint(config: ModelSpec) -> str:
+    """The flow model's file on disk (downloaded first when the config names it on the hub)."""
+    return hub.resolve(config.ckpt_path, config.repo_id, config.repo_flow, "ckpt_path")
+
+
 def check_device(device: str, key: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -189,8 +195,9 @@ def load_flow_model(config: ModelSpec, options: KernelOptions = KernelOptions())
         if config.prequantized_flow:
             raise ConfigError("prequantized_flow is true but flow_quantization_dtype is not 'qfloat8'")
         dtype = config.flow_torch_dtype
-        sd = read_safetensors(config.ckpt_path, device, lambda k, t: {k: t.to(dtype)})
-        assign_state_dict(model, sd, f"flow model {config.ckpt_path}")
+        path = flow_checkpoint(config)
+        sd = read_safetensors(path, device, lambda k, t: {k: t.to(dtype)})
+        assign_state_dict(model, sd, f"flow model {path}")
         if config.flow_quantization_dtype in encoder_quantize.QUANTO_TYPES:  # weight-only: the fp8 layers' set
             settings = config.f8_settings
             # quanto's 4-bit weights are grouped by 128 inputs; a layer with fewer or an odd count stays as it is
@@ -214,7 +221,7 @@ def _load_fp8_weights(model: Flux, config: ModelSpec, device: torch.device) -> N
     A bf16 checkpoint is quantized as each weight arrives on `device`, so the peak is the fp8 model plus one bf16
     tensor; a prequantized one is read as is.
     """
-    settings, dtype, path = config.f8_settings, config.flow_torch_dtype, config.ckpt_path
+    settings, dtype, path = config.f8_settings, config.flow_torch_dtype, flow_checkpoint(config)
     original = f8_original.fp8_layers(read_keys(path))
     if original:
         return _load_original_fp8(model, config, device, original)
@@ -243,7 +250,7 @@ def _load_fp8_weights(model: Flux, config: ModelSpec, device: torch.device) -> N
 def _load_original_fp8(model: Flux, config: ModelSpec, device: torch.device, layers: set[str]) -> None:
     """A prequantized file of the original flux-fp8-api: run with its recipe (`prequantized_flow`), or dequantized
     and quantized again with ours (what converts it)."""
-    dtype, path = config.flow_torch_dtype, config.ckpt_path
+    dtype, path = config.flow_torch_dtype, flow_checkpoint(config)
     if config.prequantized_flow:
         f8_original.check_complete(read_keys(path), layers, path)
         settings = f8_original.settings_of(layers)
@@ -281,8 +288,9 @@ def load_autoencoder(config: ModelSpec, options: KernelOptions = KernelOptions()
     with torch.device("meta"):
         ae = AutoEncoder(AutoEncoderParams(**config.ae_params.model_dump()), options)
     dtype = TORCH_DTYPES[config.ae_dtype]
-    sd = read_safetensors(config.ae_path, device, lambda k, t: {k: t.to(dtype)})
-    assign_state_dict(ae, sd, f"autoencoder {config.ae_path}")
+    path = hub.resolve(config.ae_path, config.repo_id, config.repo_ae, "ae_path")
+    sd = read_safetensors(path, device, lambda k, t: {k: t.to(dtype)})
+    assign_state_dict(ae, sd, f"autoencoder {path}")
     if config.ae_quantization_dtype == "qfloat8":
         encoder_quantize.quantize_autoencoder(ae)
     elif config.ae_quantization_dtype in encoder_quantize.QUANTO_TYPES:
