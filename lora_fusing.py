@@ -26,6 +26,7 @@ class LoadedLora:
     path: str | None
     scale: float
     deltas: LoraDeltas
+    ignored: list[str] = field(default_factory=list)  # the file's keys that were not applied
 
 
 @dataclass
@@ -131,9 +132,11 @@ class LoraFuser:
             else:
                 weight = orig[0].to(device, torch.float32, copy=True)
             bias = orig[-1].to(device, torch.float32, copy=True) if module.bias is not None else None
+            # DoRA's parts are relative to the pristine weight (each normalizes it with its own delta)
+            base = weight.clone() if any(p.magnitude is not None for p, _ in parts) else None
             for p, scale in parts:
                 rows = slice(*p.rows) if p.rows else slice(None)
-                weight[rows] += p.delta(scale).to(device)
+                weight[rows] += p.delta(scale, None if base is None else base[rows]).to(device)
                 b = p.bias_delta(scale)
                 if b is not None:
                     bias[rows] += b.to(device)
@@ -205,13 +208,14 @@ class PipelineLoras:
         with self.lock:
             current = self.loras.loaded.get(name)
             if current is not None and path is not None and current.path == path:
-                deltas = current.deltas
+                deltas, ignored = current.deltas, current.ignored
             else:
                 sd, metadata = read_lora(path) if path else (lora, {})
-                deltas = convert_lora(sd, self.config.params.hidden_size, metadata)
+                ignored = []
+                deltas = convert_lora(sd, self.config.params.hidden_size, metadata, ignored)
                 deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
             start = time.perf_counter()
-            self.loras.put(LoadedLora(name, path, float(scale), deltas))
+            self.loras.put(LoadedLora(name, path, float(scale), deltas, ignored))
             logger.info(
                 f"LoRA {name!r} (scale {scale}) fused into {len(deltas)} layers in {time.perf_counter() - start:.2f} s"
             )

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from errors import LoraError
+from lora_formats import ONETRAINER, diffusers_targets, kohya_name, refuse_unsupported
 
 
 @dataclass
@@ -27,16 +28,37 @@ class LoraPart:
     bias: Tensor | None = None  # (rows,)
     rows: tuple[int, int] | None = None  # row block of the target weight; None: all rows
     swap_halves: bool = False  # diffusers norm_out: (scale, shift) rows -> BFL (shift, scale)
+    magnitude: Tensor | None = None  # DoRA: (rows,) per output row, or (1, in) per input column
+    full: Tensor | None = None  # a full-weight delta (`.diff`): used instead of up @ down
 
-    def delta(self, scale: float) -> Tensor:
+    def delta(self, scale: float, base: Tensor | None = None) -> Tensor:
+        """The change to the target rows at `scale`. DoRA needs `base`, the rows' pristine float32 weight: its
+        result is `magnitude * (base + BA) / norm(base + BA)` (norm per output row, or per input column), and
+        `scale` blends between the base (0) and that (1)."""
+        if self.full is not None:
+            d = scale * self.full.float()
+            return _swap(d) if self.swap_halves else d
         rank = self.down.shape[0]
-        factor = scale * ((self.alpha if self.alpha is not None else rank) / rank)
-        d = factor * (self.up.float() @ self.down.float())
+        d = ((self.alpha if self.alpha is not None else rank) / rank) * (self.up.float() @ self.down.float())
+        if self.magnitude is None:
+            d = scale * d
+        else:
+            if base is None:
+                raise ValueError("a DoRA part needs the pristine weight")
+            b = _swap(base) if self.swap_halves else base
+            merged = b + d
+            per_row = self.magnitude.ndim == 1 or self.magnitude.shape[-1] == 1
+            norm = merged.norm(dim=1, keepdim=True) if per_row else merged.norm(dim=0, keepdim=True)
+            m = self.magnitude.float().reshape(-1, 1) if per_row else self.magnitude.float().reshape(1, -1)
+            d = scale * (m / norm * merged - b)
         return _swap(d) if self.swap_halves else d
 
     def bias_delta(self, scale: float) -> Tensor | None:
         if self.bias is None:
             return None
+        if self.full is not None:
+            b = scale * self.bias.float()
+            return _swap(b) if self.swap_halves else b
         rank = self.down.shape[0]
         b = scale * ((self.alpha if self.alpha is not None else rank) / rank) * self.bias.float()
         return _swap(b) if self.swap_halves else b
@@ -87,6 +109,10 @@ def _group(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
             (".lora_B.bias", "bias"),
             (".lora_up.bias", "bias"),
             (".alpha", "alpha"),
+            (".lora_magnitude_vector", "magnitude"),  # DoRA, PEFT's name
+            (".dora_scale", "magnitude"),  # DoRA, kohya's and LyCORIS's
+            (".diff", "full"),  # a full-weight delta
+            (".diff_b", "full_bias"),
         ]:
             if key.endswith(suffix):
                 groups.setdefault(key[: -len(suffix)], {})[part] = t
@@ -94,116 +120,38 @@ def _group(sd: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     return groups
 
 
-_KOHYA = [  # underscore form -> dotted BFL form, for the parts after the block index
-    ("img_attn_qkv", "img_attn.qkv"),
-    ("img_attn_proj", "img_attn.proj"),
-    ("txt_attn_qkv", "txt_attn.qkv"),
-    ("txt_attn_proj", "txt_attn.proj"),
-    ("img_mlp_0", "img_mlp.0"),
-    ("img_mlp_2", "img_mlp.2"),
-    ("txt_mlp_0", "txt_mlp.0"),
-    ("txt_mlp_2", "txt_mlp.2"),
-    ("img_mod_lin", "img_mod.lin"),
-    ("txt_mod_lin", "txt_mod.lin"),
-    ("modulation_lin", "modulation.lin"),
-    ("linear1", "linear1"),
-    ("linear2", "linear2"),
-]
-_KOHYA_TOP = {
-    "img_in": "img_in",
-    "txt_in": "txt_in",
-    "time_in_in_layer": "time_in.in_layer",
-    "time_in_out_layer": "time_in.out_layer",
-    "vector_in_in_layer": "vector_in.in_layer",
-    "vector_in_out_layer": "vector_in.out_layer",
-    "guidance_in_in_layer": "guidance_in.in_layer",
-    "guidance_in_out_layer": "guidance_in.out_layer",
-    "final_layer_linear": "final_layer.linear",
-    "final_layer_adaLN_modulation_1": "final_layer.adaLN_modulation.1",
-}
-
-
-def _kohya_name(key: str) -> str | None:
-    name = key.removeprefix("lora_unet_")
-    if name in _KOHYA_TOP:
-        return _KOHYA_TOP[name]
-    m = re.fullmatch(r"(double_blocks|single_blocks)_(\d+)_(\w+)", name)
-    if m:
-        for under, dotted in _KOHYA:
-            if m.group(3) == under:
-                return f"{m.group(1)}.{m.group(2)}.{dotted}"
-    return None
-
-
-def _diffusers_targets(name: str, hidden: int) -> list[tuple[str, tuple[int, int] | None, bool]]:
-    """diffusers module name -> [(BFL module, row block, swap halves)]."""
-    h = hidden
-    if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", name):
-        b, rest = f"double_blocks.{m.group(1)}", m.group(2)
-        qkv = {
-            "attn.to_q": ("img_attn.qkv", 0),
-            "attn.to_k": ("img_attn.qkv", 1),
-            "attn.to_v": ("img_attn.qkv", 2),
-            "attn.add_q_proj": ("txt_attn.qkv", 0),
-            "attn.add_k_proj": ("txt_attn.qkv", 1),
-            "attn.add_v_proj": ("txt_attn.qkv", 2),
-        }
-        if rest in qkv:
-            target, i = qkv[rest]
-            return [(f"{b}.{target}", (i * h, (i + 1) * h), False)]
-        plain = {
-            "attn.to_out.0": "img_attn.proj",
-            "attn.to_add_out": "txt_attn.proj",
-            "ff.net.0.proj": "img_mlp.0",
-            "ff.net.2": "img_mlp.2",
-            "ff_context.net.0.proj": "txt_mlp.0",
-            "ff_context.net.2": "txt_mlp.2",
-            "norm1.linear": "img_mod.lin",
-            "norm1_context.linear": "txt_mod.lin",
-        }
-        return [(f"{b}.{plain[rest]}", None, False)] if rest in plain else []
-    if m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", name):
-        b, rest = f"single_blocks.{m.group(1)}", m.group(2)
-        qkv = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2}
-        if rest in qkv:
-            i = qkv[rest]
-            return [(f"{b}.linear1", (i * h, (i + 1) * h), False)]
-        if rest == "proj_mlp":
-            return [(f"{b}.linear1", (3 * h, None), False)]  # up to the end: the MLP's rows
-        plain = {"proj_out": "linear2", "norm.linear": "modulation.lin"}
-        return [(f"{b}.{plain[rest]}", None, False)] if rest in plain else []
-    top = {
-        "x_embedder": "img_in",
-        "context_embedder": "txt_in",
-        "proj_out": "final_layer.linear",
-        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-    }
-    if name in top:
-        return [(top[name], None, False)]
-    if name == "norm_out.linear":
-        return [("final_layer.adaLN_modulation.1", None, True)]
-    return []
-
-
-def _peft_alpha(metadata: dict[str, str]) -> float | None:
-    """lora_alpha from diffusers' `lora_adapter_metadata` (PEFT config), if the file carries it."""
+def _peft_alpha(metadata: dict[str, str]) -> tuple[float | None, dict[str, float]]:
+    """lora_alpha and its per-module `alpha_pattern` from diffusers' `lora_adapter_metadata` (PEFT config)."""
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
-        return None
+        return None, {}
     try:
         config = json.loads(raw)
     except ValueError:
         raise LoraError("metadata lora_adapter_metadata is not valid JSON") from None
     if not isinstance(config, dict):
         raise LoraError(f"metadata lora_adapter_metadata must be a JSON object, not {type(config).__name__}")
+    alpha, pattern = None, {}
     for key, value in config.items():
         if key.split(".")[-1] == "lora_alpha":
-            return _alpha(value, "metadata lora_alpha")
+            alpha = _alpha(value, "metadata lora_alpha")
+        elif key.split(".")[-1] == "alpha_pattern" and value:
+            if not isinstance(value, dict):
+                raise LoraError("metadata alpha_pattern must be a JSON object")
+            pattern = {str(k): _alpha(v, f"metadata alpha_pattern[{k}]") for k, v in value.items()}
+    return alpha, pattern
+
+
+def _pattern_alpha(name: str, pattern: dict[str, float]) -> float | None:
+    """PEFT's matching: the module name itself, a suffix of it, or a regular expression for all of it."""
+    for key, value in pattern.items():
+        if name == key or name.endswith("." + key):
+            return value
+        try:
+            if re.fullmatch(key, name) or re.fullmatch(rf".*\.{key}", name):
+                return value
+        except re.error:
+            continue
     return None
 
 
@@ -248,30 +196,71 @@ def _checked_pair(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tenso
     return down, up, bias
 
 
-def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, str] | None = None) -> LoraDeltas:
-    """Any supported format -> {BFL module name: [LoraPart]}. Text-encoder keys are dropped with one warning."""
+def _checked_full(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """A full-weight delta (`.diff`, with `.diff_b` for the bias), checked like a pair."""
+    full, bias = g["full"], g.get("full_bias")
+    for part, t in (("diff", full), ("diff_b", bias)):
+        if t is not None and (not t.is_floating_point() or not torch.isfinite(t).all()):
+            raise LoraError(f"{key}: {part} must hold finite floating-point values")
+    if full.ndim != 2:
+        raise LoraError(f"{key}: a .diff delta must be 2-D to apply to a linear layer, got {tuple(full.shape)}")
+    if bias is not None and (bias.ndim != 1 or bias.shape[0] != full.shape[0]):
+        raise LoraError(f"{key}: diff_b of shape {tuple(bias.shape)} does not match the {full.shape[0]} rows")
+    return full, bias
+
+
+def _checked_magnitude(key: str, magnitude: Tensor | None, rows: int, columns: int) -> Tensor | None:
+    """A DoRA magnitude: finite, positive, one per output row (or one per input column)."""
+    if magnitude is None:
+        return None
+    if not magnitude.is_floating_point() or not torch.isfinite(magnitude).all():
+        raise LoraError(f"{key}: the DoRA magnitude must hold finite floating-point values")
+    if tuple(magnitude.shape) not in ((rows,), (rows, 1), (1, columns)):
+        raise LoraError(
+            f"{key}: the DoRA magnitude of shape {tuple(magnitude.shape)} fits neither the {rows} output rows nor "
+            f"the {columns} input columns"
+        )
+    return magnitude
+
+
+def convert_lora(
+    sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, str] | None = None, ignored: list | None = None
+) -> LoraDeltas:
+    """Any supported format -> {BFL module name: [LoraPart]}. Keys that are not applied (text encoder, no flow
+    target) are warned about and appended to `ignored`."""
     metadata = metadata or {}
+    refuse_unsupported(sd)
     groups = _group(sd)
-    file_alpha = _peft_alpha(metadata)
+    file_alpha, alpha_pattern = _peft_alpha(metadata)
     out: LoraDeltas = {}
     skipped_te, unknown = [], []
     for key, g in groups.items():
         if any(marker in key for marker in _TEXT_ENCODER):
             skipped_te.append(key)
             continue
-        if "down" not in g or "up" not in g:
-            unknown.append(key)
-            continue
-        down, up, bias = _checked_pair(key, g)
-        alpha = _alpha(g["alpha"], f"{key}.alpha") if "alpha" in g else file_alpha
         name = key
         for prefix in ("base_model.model.", "transformer.", "diffusion_model.", "model.diffusion_model.", "unet."):
             name = name.removeprefix(prefix)
+        name = ONETRAINER.get(name, name)
+        if "full" in g:
+            full, bias = _checked_full(key, g)
+            down, up, alpha, magnitude = full.new_empty(0, full.shape[1]), full.new_empty(full.shape[0], 0), None, None
+        elif "down" in g and "up" in g:
+            down, up, bias = _checked_pair(key, g)
+            full = None
+            alpha = _alpha(g["alpha"], f"{key}.alpha") if "alpha" in g else None
+            if alpha is None:
+                alpha = _pattern_alpha(name, alpha_pattern) if alpha_pattern else None
+            alpha = file_alpha if alpha is None else alpha
+            magnitude = _checked_magnitude(key, g.get("magnitude"), up.shape[0], down.shape[1])
+        else:
+            unknown.append(key)
+            continue
         if m := re.fullmatch(r"double_blocks\.(\d+)\.processor\.(qkv|proj)_lora([12])", name):  # XLabs
             stream = "img" if m.group(3) == "1" else "txt"
             targets = [(f"double_blocks.{m.group(1)}.{stream}_attn.{m.group(2)}", None, False)]
         elif name.startswith("lora_unet_"):  # kohya
-            bfl = _kohya_name(name)
+            bfl = kohya_name(name)
             targets = [(bfl, None, False)] if bfl else []
         elif name.startswith(
             (
@@ -284,7 +273,7 @@ def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, st
                 "proj_out",
             )
         ):  # diffusers / PEFT
-            targets = _diffusers_targets(name, hidden_size)
+            targets = diffusers_targets(name, hidden_size)
         else:  # BFL-native (also ComfyUI after its prefix)
             targets = [(name, None, False)]
         if not targets:
@@ -292,11 +281,13 @@ def convert_lora(sd: dict[str, Tensor], hidden_size: int, metadata: dict[str, st
         for target, rows, swap in targets:
             if rows is not None and rows[1] is None:
                 rows = (rows[0], rows[0] + up.shape[0])
-            out.setdefault(target, []).append(LoraPart(down, up, alpha, bias, rows, swap))
+            out.setdefault(target, []).append(LoraPart(down, up, alpha, bias, rows, swap, magnitude, full))
     if skipped_te:
         logger.warning(f"LoRA: ignoring {len(skipped_te)} text-encoder layers (only the flow model is adapted)")
     if unknown:
-        logger.warning(f"LoRA: ignoring {len(unknown)} keys with no flow-model target, e.g. {unknown[:3]}")
+        logger.warning(f"LoRA: ignoring {len(unknown)} keys with no flow-model target: {unknown[:20]}")
+    if ignored is not None:
+        ignored.extend(unknown + skipped_te)
     if not out:
         raise LoraError(f"no usable LoRA keys for the flow model; keys look like {list(sd)[:5]}")
     return out

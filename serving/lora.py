@@ -75,8 +75,10 @@ async def lora(request: Request) -> JSONResponse:
             return name
 
         name = await run_job(load, request)
+        ignored = pipeline.loras.loaded[name].ignored  # keys the file holds that were not applied: never silent
         # "status": "success" is what the original's clients check
-        return JSONResponse({"status": "success", "action": "loaded", "name": name, "scale": body.scale})
+        answer = {"status": "success", "action": "loaded", "name": name, "scale": body.scale}
+        return JSONResponse({**answer, "ignored_keys": ignored[:50], "ignored_count": len(ignored)})
 
     if body.name is not None:  # by name only: a server path given as a name must not find its LoRA
         key = body.name

@@ -14,8 +14,8 @@ LAYERS = {
     "api": 6,
     "serving": 5,
     "flux_pipeline": 4,
-    "lora_loading": 3, "lora_fusing": 3, "float8_quantize": 3, "util": 3, "encoder_quantize": 3, "images": 3,
-    "cuda_graphs": 3, "errors": 3, "model_spec": 3, "legacy": 3, "f8_original": 3, "hub": 3,
+    "lora_loading": 3, "lora_formats": 3, "lora_fusing": 3, "float8_quantize": 3, "util": 3, "encoder_quantize": 3,
+    "images": 3, "cuda_graphs": 3, "errors": 3, "model_spec": 3, "legacy": 3, "f8_original": 3, "hub": 3,
     "modules": 2,
     "kernels": 1,
 }  # fmt: skip

@@ -37,6 +37,11 @@ def logged_server(tmp_path_factory, tiny_cfg):
         "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(h, 4, generator=g),
     }
     save_file(lora, root / "loras" / "style.safetensors")
+    unknown = {
+        "transformer_blocks.0.unknown.lora_A.weight": torch.ones(4, h),
+        "transformer_blocks.0.unknown.lora_B.weight": torch.ones(h, 4),
+    }
+    save_file(dict(lora, **unknown), root / "loras" / "partial.safetensors")
     log = root / "server.log"
     args = ("--lora-dir", str(root / "loras"), "--max-queue-size", "1", "--log-json", "--cors-origin", ORIGIN)
     with running_server(*args, log_path=log) as server:
@@ -230,3 +235,10 @@ def test_job_previews_when_asked(logged_server):
     plain = s.post("/jobs", json=SMALL).json()["id"]
     assert all("preview" not in data for _, data in events(f"{s.url}/jobs/{plain}/events"))
     assert s.post("/jobs?preview_every=-1", json=SMALL).status_code == 422
+
+
+def test_keys_a_lora_file_holds_but_that_are_not_applied_are_reported(logged_server):
+    r = logged_server.post("/lora", json={"path": "partial.safetensors"})
+    assert r.status_code == 200 and r.json()["ignored_keys"] == ["transformer_blocks.0.unknown"]
+    assert r.json()["ignored_count"] == 1
+    assert logged_server.post("/lora", json={"name": "partial", "action": "unload"}).status_code == 200
