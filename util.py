@@ -3,10 +3,12 @@
 surface of `model_spec`, re-exported: this is where the original's users import all of it from."""
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import huggingface_hub
 import torch
 from loguru import logger
 from safetensors import safe_open
@@ -301,6 +303,11 @@ def load_autoencoder(config: ModelSpec, options: KernelOptions = KernelOptions()
 def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype, device: torch.device, quant):
     # transformers takes seconds to import: only what loads the text encoders pays for it
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
+
+    if os.environ.get("FLUX_QUIET_LOADING"):  # a server's log: no per-layer bars, but downloads keep theirs
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
 
     model_cls = CLIPTextModel if is_clip else T5EncoderModel
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -10,6 +10,7 @@ import sys
 
 from loguru import logger
 
+QUIET_LOADING = "FLUX_QUIET_LOADING"
 REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 TEXT_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <8} | {extra[request_id]} | {name}:{function} - {message}"
 
@@ -31,7 +32,7 @@ def with_request_id(record) -> None:
 
 def configure(json_lines: bool = False, level: str = "INFO") -> None:
     """Route every log line of the process through loguru, in one format. Call once, before loading."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load bars: noise in a server log
+    os.environ[QUIET_LOADING] = "1"  # transformers' per-layer load bars: noise in a server log (util reads it)
     logger.remove()
     logger.configure(patcher=with_request_id)
     if json_lines:

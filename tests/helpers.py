@@ -3,6 +3,7 @@
 
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -251,3 +252,34 @@ def check_graph_replay_follows_loras(cfg: dict) -> None:
     graphed.unload_lora("r")
     assert not np.array_equal(with_lora, pixels(graphed))
     assert np.array_equal(pixels(graphed, seed=4), pixels(FluxPipeline.load_pipeline_from_config(cfg), seed=4))
+
+
+@contextmanager
+def nginx_front(tmp_path: Path, ports: list[int]):
+    """deploy/nginx.conf run by a real nginx on 127.0.0.1 in front of the servers on `ports`; yields its URL."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    conf = conf.replace("worker_processes auto;", f"worker_processes 1;\npid {tmp_path}/nginx.pid;")
+    upstream = [line for line in conf.splitlines() if line.strip().startswith("server flux-gpu")]
+    servers = "\n".join(f"        server 127.0.0.1:{port} max_fails=2 fail_timeout=10s;" for port in ports)
+    conf = conf.replace("\n".join(upstream), servers)
+    port = free_port()
+    conf = conf.replace("listen 8088;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("http {", f"http {{\n    access_log off;\n    client_body_temp_path {tmp_path};", 1)
+    (tmp_path / "nginx.conf").write_text(conf)
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    cmd = [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off; error_log stderr;"]
+    check = subprocess.run([*cmd[:-2], "-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -5,16 +5,13 @@ config, pointed at two real tiny servers on 127.0.0.1, spreads requests over bot
 
 import concurrent.futures
 import re
-import shutil
-import subprocess
-import time
 
 import httpx
 import yaml
 
 import util
 from api import create_app
-from tests.helpers import ROOT, SMALL, free_port, running_server
+from tests.helpers import ROOT, SMALL, nginx_front, running_server
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 NGINX_CONF = (ROOT / "deploy" / "nginx.conf").read_text()
@@ -54,33 +51,10 @@ def test_compose_and_nginx_agree():
 
 
 def test_nginx_spreads_requests_over_the_replicas(tmp_path):
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    with running_server() as first, running_server() as second:
-        port = free_port()
-        conf = NGINX_CONF.replace("worker_processes auto;", f"worker_processes 1;\npid {tmp_path}/nginx.pid;")
-        conf = conf.replace("server flux-gpu0:8088", f"server 127.0.0.1:{first.port}")
-        conf = conf.replace("server flux-gpu1:8088", f"server 127.0.0.1:{second.port}")
-        conf = conf.replace("listen 8088;", f"listen 127.0.0.1:{port};")
-        conf = conf.replace("http {", f"http {{\n    access_log off;\n    client_body_temp_path {tmp_path};", 1)
-        (tmp_path / "nginx.conf").write_text(conf)
-        (tmp_path / "logs").mkdir()
-        cmd = [nginx, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off; error_log stderr;"]
-        assert subprocess.run([*cmd[:-2], "-t"], capture_output=True, text=True).returncode == 0
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(100):
-                try:
-                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            # four concurrent requests: least connections sends them to both replicas
-            url = f"http://127.0.0.1:{port}/generate"
-            with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
-                codes = list(pool.map(lambda _: client.post(url, json=SMALL).status_code, range(4)))
-            assert codes == [200] * 4
-            served = [s.health()["completed"] for s in (first, second)]
-            assert all(n >= 1 for n in served) and sum(served) >= 4, served
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with running_server() as first, running_server() as second, nginx_front(tmp_path, [first.port, second.port]) as url:
+        # four concurrent requests: least connections sends them to both replicas
+        with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(lambda _: client.post(f"{url}/generate", json=SMALL).status_code, range(4)))
+        assert codes == [200] * 4
+        served = [s.health()["completed"] for s in (first, second)]
+        assert all(n >= 1 for n in served) and sum(served) >= 4, served

@@ -1,12 +1,15 @@
+import concurrent.futures
+import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 
 from replicas import replica_commands
-from tests.helpers import ROOT, TINY_CONFIG, free_port
+from tests.helpers import ROOT, SLOW, SMALL, TINY_CONFIG, free_port, nginx_front
 
 
 def test_each_replica_gets_its_own_device_and_port():
@@ -58,3 +61,43 @@ def _free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def test_nginx_front_over_supervised_replicas(tmp_path):
+    """Both replicas serve through the real nginx front, a full queue's 429 reaches the client with Retry-After, and
+    a replica killed outright leaves the other serving while the launcher starts it again."""
+    base = free_port()
+    while not all(_free(base + i) for i in range(2)):
+        base = free_port()
+    cmd = [sys.executable, "replicas.py", "--devices", "cpu,cpu", "--base-port", str(base), "--max-restarts", "2",
+           "--", "--config-path", str(TINY_CONFIG), "--max-queue-size", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    replicas = [f"http://127.0.0.1:{base + i}" for i in range(2)]
+    try:
+        ready = proc.stdout.readline()
+        assert "2 replicas ready" in ready
+        pids = [int(p) for p in ready.split("pids ")[1].rstrip(")\n").split()]
+        with nginx_front(tmp_path, [base, base + 1]) as url:
+            # eight slow requests at once, four places (a running job and a queued one per replica)
+            with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda i: client.post(f"{url}/generate", json=dict(SLOW, seed=i)), range(8)))
+            codes = [a.status_code for a in answers]
+            assert codes.count(200) >= 2 and 429 in codes, codes
+            assert all(a.headers.get("retry-after", "").isdigit() for a in answers if a.status_code == 429)
+            served = [httpx.get(f"{r}/health").json()["completed"] for r in replicas]
+            assert all(n >= 1 for n in served), served  # both replicas did work
+            os.kill(pids[0], signal.SIGKILL)
+            for i in range(4):  # the other serves meanwhile
+                assert httpx.post(f"{url}/generate", json=dict(SMALL, seed=i), timeout=120).status_code == 200
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:  # and the launcher starts the killed one again
+                try:
+                    if httpx.get(f"{replicas[0]}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            assert httpx.get(f"{replicas[0]}/health", timeout=2).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
