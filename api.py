@@ -20,7 +20,7 @@ from serving.request_context import RequestContext
 from serving.settings import ServerSettings
 from serving.worker import Worker
 
-__all__ = ["ServerSettings", "app", "create_app"]
+__all__ = ["ServerSettings", "app", "create_app", "start", "stop"]
 
 
 def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | None = None) -> FastAPI:
@@ -32,17 +32,9 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if app.state.pipeline is None:
-            app.state.pipeline = getattr(app.state, "model", None)
-        if app.state.pipeline is None:
-            raise RuntimeError("no pipeline: set app.state.model = FluxPipeline.load_pipeline_from_config_path(...)")
-        app.state.model = app.state.pipeline
-        app.state.base_loras = current_loras(app.state.pipeline)  # what POST /lora changes; requests may differ
-        worker.start()
-        app.state.ready = True
+        start(app)
         yield
-        app.state.ready = False
-        await asyncio.to_thread(worker.stop)
+        await asyncio.to_thread(stop, app)
 
     app = FastAPI(title="flux-fp8-api", lifespan=lifespan)
     metrics = Metrics(worker)
@@ -99,6 +91,25 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
             raise ValueError("the web UI needs the pipeline given to create_app")
         ui.mount(app, settings)
     return app
+
+
+def start(app: FastAPI) -> None:
+    """What the app's lifespan does first (and a host that runs no lifespan, Ray Serve, calls): the pipeline
+    found, the worker started, ready."""
+    if app.state.pipeline is None:
+        app.state.pipeline = getattr(app.state, "model", None)
+    if app.state.pipeline is None:
+        raise RuntimeError("no pipeline: set app.state.model = FluxPipeline.load_pipeline_from_config_path(...)")
+    app.state.model = app.state.pipeline
+    app.state.base_loras = current_loras(app.state.pipeline)  # what POST /lora changes; requests may differ
+    app.state.worker.start()
+    app.state.ready = True
+
+
+def stop(app: FastAPI) -> None:
+    """Not ready any more; the running job finishes, the queued ones fail."""
+    app.state.ready = False
+    app.state.worker.stop()
 
 
 # The original's module-level app: `from api import app; app.state.model = pipeline; uvicorn.run(app, ...)`.
