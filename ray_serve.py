@@ -7,21 +7,47 @@ every route, limit, error shape and header is the single server's. Serve's healt
 readiness (loaded, worker alive, no fatal CUDA error); a replica that fails them is replaced. Each replica keeps
 its own queue of `max_queue_size` (its 429 beyond); Serve admits at most `max_queue_size + 1` requests to a
 replica (`max_ongoing_requests`) and holds `max_queued_requests` more at its router, answering 503 past them.
-LoRAs: `POST /lora` changes the replica that receives it; use per-request `loras` (every replica applies them)
-for the same LoRAs everywhere. Responses are sent whole: `GET /jobs/{id}/events` is not streamed through Serve,
+LoRAs: a `POST /lora` that succeeds on one replica is recorded in a named Ray actor (`LoraRegistry`); every
+replica brings its own set to the recorded one before its next request (as a job on its worker, so in order),
+so all replicas serve with the same LoRAs (the LoRA directory must be the same path on every machine).
+Responses are sent whole: `GET /jobs/{id}/events` is not streamed through Serve,
 and a job lives on the replica that took it.
 """
 
+import asyncio
 import os
 from typing import Any
 
+import ray
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
 from api import create_app, start, stop
 from flux_pipeline import FluxPipeline
+from serving.lora import use_loras
 from serving.settings import ServerSettings
+
+REGISTRY = "flux-lora-registry"
+
+
+@ray.remote(num_cpus=0)
+class LoraRegistry:
+    """The LoRA set of the whole deployment (name -> (path, scale)) and a version that counts its changes."""
+
+    def __init__(self):
+        self.version, self.loras = 0, {}
+
+    def set(self, loras: dict) -> int:
+        self.version, self.loras = self.version + 1, dict(loras)
+        return self.version
+
+    def get(self) -> tuple[int, dict]:
+        return self.version, self.loras
+
+
+def registry():
+    return LoraRegistry.options(name=REGISTRY, get_if_exists=True, lifetime="detached").remote()
 
 
 class FluxReplica:
@@ -37,9 +63,12 @@ class FluxReplica:
         self.app = create_app(self.pipeline, ServerSettings(**(settings or {})))
         start(self.app)
         self.name = serve.get_replica_context().replica_tag
+        self.registry, self.lora_version = registry(), 0
 
     async def __call__(self, request: Request) -> Response:
-        """The request through our app, answered whole."""
+        """The request through our app, answered whole; the deployment's LoRA set brought here first, and a
+        successful LoRA change recorded for the other replicas."""
+        await self._follow_loras()
         status, headers, body = 500, [], []
 
         async def send(message: dict[str, Any]) -> None:
@@ -50,11 +79,26 @@ class FluxReplica:
                 body.append(message.get("body", b""))
 
         await self.app(request.scope, request.receive, send)
+        if request.url.path == "/lora" and request.method == "POST" and status == 200:
+            self.lora_version = await self.registry.set.remote(self.app.state.base_loras)
         response = Response(b"".join(body), status_code=status)
         response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"]
         response.headers["content-length"] = str(len(response.body))
         response.headers["x-replica"] = self.name
         return response
+
+    async def _follow_loras(self) -> None:
+        version, loras = await self.registry.get.remote()
+        if version == self.lora_version:
+            return
+        app = self.app
+
+        def adopt(cancel) -> None:
+            app.state.base_loras = loras
+            use_loras(app, None)
+
+        await asyncio.wrap_future(app.state.worker.submit(adopt).future)
+        self.lora_version = version
 
     def check_health(self) -> None:
         """Serve's probe: raising marks this replica unhealthy, and Serve replaces it."""

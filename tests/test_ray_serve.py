@@ -8,19 +8,33 @@ import concurrent.futures
 import httpx
 import pytest
 import ray
+import torch
 from ray import serve
+from safetensors.torch import save_file
 
 from ray_serve import build
 from tests.helpers import SMALL, TINY_CONFIG, free_port
 
 
 @pytest.fixture(scope="module")
-def serve_url():
+def lora_dir(tmp_path_factory, tiny_cfg):
+    root = tmp_path_factory.mktemp("ray-loras")
+    h = tiny_cfg["params"]["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    save_file({"double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, h, generator=g),
+               "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(h, 4, generator=g)},
+              root / "style.safetensors")  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def serve_url(lora_dir):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build(str(TINY_CONFIG), num_replicas=2, gpus_per_replica=0, max_queue_size=2)
+        settings = {"lora_dir": str(lora_dir)}
+        app = build(str(TINY_CONFIG), num_replicas=2, gpus_per_replica=0, max_queue_size=2, settings=settings)
         serve.run(app, name="flux", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):  # bounded: two replicas load the tiny model
@@ -54,3 +68,24 @@ def test_the_apps_errors_and_routes_come_through(serve_url):
     assert bad.status_code == 422 and bad.json()["error"]["type"] == "invalid_request"
     assert httpx.get(f"{serve_url}/health/ready").status_code == 200
     assert httpx.get(f"{serve_url}/v1/models").json()["data"][0]["id"] == "flux-dev"
+
+
+def test_a_lora_change_reaches_every_replica(serve_url):
+    def images() -> dict[str, bytes]:
+        seen, url = {}, f"{serve_url}/generate"
+        with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for _ in range(5):  # bounded: until both replicas have answered
+                for a in pool.map(lambda _: client.post(url, json=SMALL), range(4)):
+                    seen[a.headers["x-replica"]] = a.content
+                if len(seen) == 2:
+                    break
+        return seen
+
+    before = images()
+    assert len(before) == 2 and len(set(before.values())) == 1
+    assert httpx.post(f"{serve_url}/lora", json={"path": "style.safetensors"}, timeout=120).status_code == 200
+    after = images()
+    assert len(after) == 2 and len(set(after.values())) == 1  # both replicas: the same, new image
+    assert set(after.values()) != set(before.values())
+    assert httpx.post(f"{serve_url}/lora", json={"name": "style", "action": "unload"}, timeout=120).status_code == 200
+    assert set(images().values()) == set(before.values())
