@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def write_files(work: Path, device: str = "cuda", tiny_model: bool = False) -> P
     t = time.perf_counter()
     model = f8.quantize_flow_model(random_model(cfg["params"], device, torch.bfloat16), f8.F8Settings())
     # the metadata needs a validated config before the files it names exist
-    f8.save_prequantized(model, spec_from_dict(random_weights_config(tiny_model)), cfg["ckpt_path"])
+    spec = spec_from_dict(random_weights_config(tiny_model))
+    f8.save_prequantized(
+        model, cfg["ckpt_path"], f8.metadata_for(spec.f8_settings, spec.params.model_dump(), spec.flow_dtype)
+    )
     del model
     torch.manual_seed(0)
     ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"]))
@@ -165,8 +169,43 @@ def server_startup(config: Path, cache: Path, log: Path, port: int = 8290) -> di
     return {"ready_s": round(ready, 2), "first_image_s": round(first, 2), "phases_s": log_offsets(log, launched)}
 
 
+@contextmanager
+def nginx_front(nginx: str, ports: list[int], work: Path):
+    """deploy/nginx.conf (least_conn) run by `nginx` on 127.0.0.1 in front of `ports`, every path it writes under
+    `work`; yields its URL."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    lines = [line for line in conf.splitlines() if line.strip().startswith("server flux-gpu")]
+    conf = conf.replace("\n".join(lines), "\n".join(f"        server 127.0.0.1:{p};" for p in ports))
+    conf = conf.replace("listen 8088;", "listen 127.0.0.1:8380;")
+    temp = "\n".join(
+        f"    {kind}_temp_path {work}/nginx-{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = conf.replace("http {", "http {\n    access_log off;\n" + temp, 1)
+    conf = conf.replace("worker_processes auto;", f"worker_processes 4;\npid {work}/nginx.pid;")
+    (work / "nginx.conf").write_text(conf)
+    (work / "logs").mkdir(exist_ok=True)
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(nginx).parent)}
+    cmd = [nginx, "-e", "stderr", "-p", str(work), "-c", str(work / "nginx.conf"), "-g", "daemon off;"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=(work / "nginx.err").open("w"))
+    time.sleep(1.0)
+    if proc.poll() is not None:
+        raise SystemExit(f"nginx did not start: {(work / 'nginx.err').read_text()[-500:]}")
+    try:
+        yield "http://127.0.0.1:8380"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def load_test(
-    config: Path, devices: list[str], port: int, per_replica: int, seconds: float, log: Path, cache: Path
+    config: Path,
+    devices: list[str],
+    port: int,
+    per_replica: int,
+    seconds: float,
+    log: Path,
+    cache: Path,
+    nginx: str | None = None,
 ) -> dict:
     cmd = [sys.executable, str(ROOT / "replicas.py"), "--devices", ",".join(devices), "--base-port", str(port),
            "--", "-c", str(config), "--cache-dir", str(cache)]  # fmt: skip
@@ -179,6 +218,10 @@ def load_test(
             raise SystemExit(f"replicas did not start: {line!r}; see {log}")
         ready_s = time.perf_counter() - t
         urls = [f"http://127.0.0.1:{port + i}" for i in range(len(devices))]
+        front = nginx_front(nginx, [port + i for i in range(len(devices))], log.parent) if nginx else nullcontext()
+        proxy = front.__enter__()
+        if proxy:  # every client through the real nginx front (least_conn there)
+            urls = [proxy]
         in_flight = dict.fromkeys(urls, 0)
         lock = threading.Lock()
         done, failed, latencies = [], [], []
@@ -211,16 +254,20 @@ def load_test(
             th.start()
         for th in threads:
             th.join(seconds + 300)
+        front.__exit__(None, None, None)
         window = max(done) - begin if done else seconds
+        ordered = sorted(latencies)
         return {
             "replicas": len(devices),
             "clients": len(threads),
+            "front": "nginx least_conn" if nginx else "client-side least connections",
             "ready_s": ready_s,
             "images": len(done),
             "failed": len(failed),
             "window_s": window,
             "images_per_min": 60 * len(done) / window,
-            "median_latency_s": sorted(latencies)[len(latencies) // 2] if latencies else None,
+            "median_latency_s": ordered[len(ordered) // 2] if ordered else None,
+            "p95_latency_s": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] if ordered else None,
         }
     finally:
         stop(proc)
@@ -234,6 +281,8 @@ def main() -> None:
     ap.add_argument("--per-replica", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--replica-overrides", default="{}", help="JSON config keys for the replicas (e.g. compile off)")
+    ap.add_argument("--nginx", help="an nginx binary: the load goes through deploy/nginx.conf in front of the replicas")
+    ap.add_argument("--replica-counts", help="which replica counts to run, e.g. '1' or '1,2' (default 1..gpus)")
     ap.add_argument("--out")
     ap.add_argument("--results", default=str(report.RESULTS), help="append the tables here ('' for nowhere)")
     args = ap.parse_args()
@@ -268,12 +317,15 @@ def main() -> None:
         replica_config = work / "config-replicas.json"
         replica_config.write_text(json.dumps(dict(json.loads(config.read_text()), **overrides), indent=2))
         config = replica_config
-    for n in range(1, args.gpus + 1):
+    counts = [int(n) for n in args.replica_counts.split(",")] if args.replica_counts else range(1, args.gpus + 1)
+    for n in counts:
         devices = [f"cuda:{i}" for i in range(n)]
         log = work / f"replicas-{n}.log"
-        result[f"replicas_{n}"] = load_test(config, devices, 8300, args.per_replica, args.seconds, log, cache)
+        result[f"replicas_{n}"] = load_test(
+            config, devices, 8300, args.per_replica, args.seconds, log, cache, args.nginx
+        )
         save()
-    if args.gpus >= 2:
+    if "replicas_1" in result and f"replicas_{args.gpus}" in result and args.gpus >= 2:
         result["scaling"] = result[f"replicas_{args.gpus}"]["images_per_min"] / result["replicas_1"]["images_per_min"]
     save()
     tables = results_tables(result)
@@ -305,8 +357,9 @@ def results_tables(result: dict) -> list[str]:
         tables.append(report.table(["run", "total s", "imports done", "loaded", "warmed up"], rows))
     replicas = [v for k, v in result.items() if k.startswith("replicas_") and isinstance(v, dict)]
     if replicas:
-        header = ["replicas", "clients", "ready s", "images", "failed", "images/min", "median latency s"]
-        keys = ["replicas", "clients", "ready_s", "images", "failed", "images_per_min", "median_latency_s"]
+        header = ["replicas", "clients", "front", "ready s", "images", "failed", "images/min", "p50 s", "p95 s"]
+        keys = ["replicas", "clients", "front", "ready_s", "images", "failed", "images_per_min", "median_latency_s",
+                "p95_latency_s"]  # fmt: skip
         rows = [[f"{r[k]:.2f}" if isinstance(r[k], float) else r[k] for k in keys] for r in replicas]
         tables.append(report.table(header, rows))
     return tables
