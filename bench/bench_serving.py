@@ -360,7 +360,7 @@ def results_tables(result: dict) -> list[str]:
         header = ["replicas", "clients", "front", "ready s", "images", "failed", "images/min", "p50 s", "p95 s"]
         keys = ["replicas", "clients", "front", "ready_s", "images", "failed", "images_per_min", "median_latency_s",
                 "p95_latency_s"]  # fmt: skip
-        rows = [[f"{r[k]:.2f}" if isinstance(r[k], float) else r[k] for k in keys] for r in replicas]
+        rows = [[f"{r[k]:.2f}" if isinstance(r.get(k), float) else r.get(k, "-") for k in keys] for r in replicas]
         tables.append(report.table(header, rows))
     return tables
 

@@ -80,6 +80,8 @@ def test_serving_tables_put_each_run_in_its_row():
             "window_s": 60.0,
             "images_per_min": 20.0,
             "median_latency_s": 5.3,
+            "front": "nginx least_conn",
+            "p95_latency_s": 6.1,
         },  # fmt: skip
         "scaling": 1.0,
     }
@@ -90,7 +92,7 @@ def test_serving_tables_put_each_run_in_its_row():
         "| server, `--cache-dir` warmed by the one-image runs: ready / first response | 23.51 / 26.02 | 4.76 | - | - |",
         "| server restarted (its warm-up sizes cached): ready / first response | 20.5 / 23.0 | - | - | 19.9 |",
     ]
-    assert replicas.splitlines()[2:] == ["| 1 | 2 | 25.10 | 20 | 0 | 20.00 | 5.30 |"]
+    assert replicas.splitlines()[2:] == ["| 1 | 2 | nginx least_conn | 25.10 | 20 | 0 | 20.00 | 5.30 | 6.10 |"]
 
 
 def test_bench_flow_measures_the_fp8_attention_beside_the_default(tmp_path):
