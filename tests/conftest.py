@@ -3,7 +3,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from configs.make_tiny_demo import flow_state_dict
 from flux_pipeline import FluxPipeline
 from tests.helpers import TINY_CONFIG
 
@@ -45,6 +47,15 @@ def bf16_pipeline(tiny_cfg):
 def fp8_pipeline(tiny_cfg):
 
     return FluxPipeline.load_pipeline_from_config(dict(tiny_cfg))
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory, flow_params):
+    """A float32 checkpoint of the tiny architecture, written to disk, and its state dict (the LoRA tests')."""
+    sd = flow_state_dict(flow_params, seed=5, dtype=torch.float32)
+    path = tmp_path_factory.mktemp("base") / "flux-f32.safetensors"
+    save_file(sd, path)
+    return path, sd
 
 
 @pytest.fixture

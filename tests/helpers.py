@@ -66,6 +66,28 @@ SMALL = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_steps": 3, 
 SLOW = {"prompt": "slow", "width": 512, "height": 512, "num_steps": 30, "seed": 1}  # one that runs for seconds
 
 
+def tiny_lora(hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small LoRA on one attention projection of the tiny model: enough to change its images."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, hidden, generator=g),
+        "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(hidden, 4, generator=g),
+    }
+
+
+def wait_healthy(url: str, seconds: float, alive=lambda: True) -> bool:
+    """Poll `url`/health until it answers 200 (True), `alive()` turns false, or `seconds` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,18 +104,10 @@ class Server:
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not become healthy in 120 s")
+        if not wait_healthy(self.url, 120, alive=lambda: self.proc.poll() is None):
+            code = self.proc.poll()
+            self.stop()
+            raise RuntimeError(f"server exited with {code}" if code is not None else "server not healthy in 120 s")
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=5).json()

@@ -3,7 +3,6 @@ import torch
 from safetensors.torch import save_file
 
 import float8_quantize as f8
-from configs.make_tiny_demo import flow_state_dict
 from flux_pipeline import FluxPipeline, LoraNotLoaded
 from lora_loading import convert_lora, read_lora
 from tests.helpers import diffusers_flux, diffusers_forward, random_inputs
@@ -13,14 +12,6 @@ ALL_TARGETS = [
     "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out", "norm1.linear",
     "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder", "context_embedder", "linear_1", "linear_2",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, flow_params):
-    sd = flow_state_dict(flow_params, seed=5, dtype=torch.float32)
-    path = tmp_path_factory.mktemp("base") / "flux-f32.safetensors"
-    save_file(sd, path)
-    return path, sd
 
 
 def make_pipeline(tiny_cfg, base, **overrides) -> FluxPipeline:

@@ -11,20 +11,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from configs.make_tiny_demo import flow_state_dict
 from errors import LoraError
 from flux_pipeline import FluxPipeline
 from tests.helpers import diffusers_flux, diffusers_forward, random_inputs
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_out", "norm1.linear", "proj_mlp"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, flow_params):
-    sd = flow_state_dict(flow_params, seed=5, dtype=torch.float32)
-    path = tmp_path_factory.mktemp("base") / "flux-f32.safetensors"
-    save_file(sd, path)
-    return path, sd
 
 
 def pipeline(tiny_cfg, base) -> FluxPipeline:

@@ -8,22 +8,17 @@ import concurrent.futures
 import httpx
 import pytest
 import ray
-import torch
 from ray import serve
 from safetensors.torch import save_file
 
 from ray_serve import build
-from tests.helpers import SMALL, TINY_CONFIG, free_port
+from tests.helpers import SMALL, TINY_CONFIG, free_port, tiny_lora
 
 
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory, tiny_cfg):
     root = tmp_path_factory.mktemp("ray-loras")
-    h = tiny_cfg["params"]["hidden_size"]
-    g = torch.Generator().manual_seed(0)
-    save_file({"double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, h, generator=g),
-               "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(h, 4, generator=g)},
-              root / "style.safetensors")  # fmt: skip
+    save_file(tiny_lora(tiny_cfg["params"]["hidden_size"]), root / "style.safetensors")
     return root
 
 

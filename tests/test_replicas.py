@@ -4,12 +4,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
 from replicas import replica_commands
-from tests.helpers import ROOT, SLOW, SMALL, TINY_CONFIG, free_port, nginx_front
+from tests.helpers import ROOT, SLOW, SMALL, TINY_CONFIG, free_port, nginx_front, wait_healthy
 
 
 def test_each_replica_gets_its_own_device_and_port():
@@ -89,15 +88,7 @@ def test_nginx_front_over_supervised_replicas(tmp_path):
             os.kill(pids[0], signal.SIGKILL)
             for i in range(4):  # the other serves meanwhile
                 assert httpx.post(f"{url}/generate", json=dict(SMALL, seed=i), timeout=120).status_code == 200
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:  # and the launcher starts the killed one again
-                try:
-                    if httpx.get(f"{replicas[0]}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            assert httpx.get(f"{replicas[0]}/health", timeout=2).status_code == 200
+            assert wait_healthy(replicas[0], 120)  # and the launcher starts the killed one again
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0

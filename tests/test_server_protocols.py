@@ -21,7 +21,7 @@ from api import create_app
 from serving import job_routes
 from serving.settings import ServerSettings
 from serving.worker import Worker
-from tests.helpers import SLOW, SMALL, running_server
+from tests.helpers import SLOW, SMALL, running_server, tiny_lora
 
 ORIGIN = "http://app.example"
 
@@ -31,11 +31,7 @@ def logged_server(tmp_path_factory, tiny_cfg):
     root = tmp_path_factory.mktemp("protocols")
     (root / "loras").mkdir()
     h = tiny_cfg["params"]["hidden_size"]
-    g = torch.Generator().manual_seed(0)
-    lora = {
-        "double_blocks.0.img_attn.proj.lora_A.weight": torch.randn(4, h, generator=g),
-        "double_blocks.0.img_attn.proj.lora_B.weight": torch.randn(h, 4, generator=g),
-    }
+    lora = tiny_lora(h)
     save_file(lora, root / "loras" / "style.safetensors")
     unknown = {
         "transformer_blocks.0.unknown.lora_A.weight": torch.ones(4, h),
