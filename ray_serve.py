@@ -27,6 +27,7 @@ from api import create_app, start, stop
 from flux_pipeline import FluxPipeline
 from serving.lora import use_loras
 from serving.settings import ServerSettings
+from serving.worker import QueueFull
 
 REGISTRY = "flux-lora-registry"
 
@@ -97,7 +98,15 @@ class FluxReplica:
             app.state.base_loras = loras
             use_loras(app, None)
 
-        await asyncio.wrap_future(app.state.worker.submit(adopt).future)
+        for _ in range(600):  # bounded: the queue may be full of requests that came first; they run before it
+            try:
+                job = app.state.worker.submit(adopt)
+                break
+            except QueueFull:
+                await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the queue stayed full for 60 s: the LoRA set was not adopted")
+        await asyncio.wrap_future(job.future)
         self.lora_version = version
 
     def check_health(self) -> None:

@@ -71,7 +71,8 @@ def test_a_lora_change_reaches_every_replica(serve_url):
         with httpx.Client(timeout=120) as client, concurrent.futures.ThreadPoolExecutor(4) as pool:
             for _ in range(5):  # bounded: until both replicas have answered
                 for a in pool.map(lambda _: client.post(url, json=SMALL), range(4)):
-                    seen[a.headers["x-replica"]] = a.content
+                    if a.status_code == 200:  # a replica's queue of two may be full (429): the next round
+                        seen[a.headers["x-replica"]] = a.content
                 if len(seen) == 2:
                     break
         return seen
