@@ -5,8 +5,9 @@
 Each replica builds the pipeline on its GPU and serves it through our own FastAPI app (`api.create_app`), so
 every route, limit, error shape and header is the single server's. Serve's health checks ask the replica's
 readiness (loaded, worker alive, no fatal CUDA error); a replica that fails them is replaced. Each replica keeps
-its own queue of `max_queue_size` (its 429 beyond); Serve admits at most `max_queue_size + 1` requests to a
-replica (`max_ongoing_requests`) and holds `max_queued_requests` more at its router, answering 503 past them.
+its own queue of `max_queue_size` (its 429 beyond); Serve admits `max_queue_size` requests to a replica at a
+time (`max_ongoing_requests`, one less than the replica holds) and holds `max_queued_requests` more at its
+router, answering 503 past them.
 LoRAs: a `POST /lora` that succeeds on one replica is recorded in a named Ray actor (`LoraRegistry`); every
 replica brings its own set to the recorded one before its next request (as a job on its worker, so in order),
 so all replicas serve with the same LoRAs (the LoRA directory must be the same path on every machine).
@@ -136,7 +137,9 @@ def build(
     max_queue_size = int(max_queue_size)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": float(gpus_per_replica), "num_cpus": 1},
-        "max_ongoing_requests": max_queue_size + 1,  # its running job and its queue: our app answers 429 past them
+        # below the replica's own capacity (its running job and its queue), leaving room for a LoRA adoption and
+        # for the router admitting one more than asked under load: our app's 429 stays the rare case
+        "max_ongoing_requests": max(max_queue_size, 1),
         "max_queued_requests": int(max_queued_requests),
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
