@@ -174,7 +174,7 @@ class ModelSpec(BaseModel):
 
     @field_validator("ckpt_path", "ae_path")
     @classmethod
-    def _file_exists(cls, value: str | None, info) -> str | None:
+    def _expand_user(cls, value: str | None) -> str | None:
         if value is None or hub.is_reference(value):
             return value  # found (or downloaded) when the model loads
         return str(Path(value).expanduser())  # checked with the repo keys in `_consistent`

@@ -55,7 +55,7 @@ def generation_job(app: FastAPI, args: dict, lora: str | None, lora_scale: float
     return run
 
 
-def build_ui(app: FastAPI, settings: ServerSettings):
+def build_ui(app: FastAPI):
     """The Gradio Blocks of the UI, bound to `app`'s pipeline and worker."""
     import gradio as gr  # optional, and seconds to import: only a server with --ui pays for it
 
@@ -147,7 +147,7 @@ def mount(app: FastAPI, settings: ServerSettings) -> None:
 
     key = settings.api_key
     auth = (lambda _user, password: secrets.compare_digest(password.encode(), key.encode())) if key else None
-    gr.mount_gradio_app(app, build_ui(app, settings), path=PATH, auth=auth)
+    gr.mount_gradio_app(app, build_ui(app), path=PATH, auth=auth)
     if settings.ui_at_root:
         app.add_api_route("/", lambda: RedirectResponse(f"{PATH}/"), include_in_schema=False)
     logger.info(f"web UI at {PATH}" + (" (login with the API key)" if key else ""))
