@@ -1,5 +1,6 @@
-"""Quantization outside the flow model's fp8 matmuls: the text encoders (optimum-quanto, bitsandbytes), the
-autoencoder (fp8 storage, or quanto), and quanto's weight-only types for the flow model on GPUs without fp8."""
+"""Quantization outside the flow model's fp8 matmuls: the text encoders (our fp8 weights, optimum-quanto,
+bitsandbytes), the autoencoder (fp8 storage, or quanto), and quanto's weight-only types for the flow model on GPUs
+without fp8."""
 
 import torch
 import torch.nn.functional as F
@@ -7,9 +8,9 @@ from loguru import logger
 from torch import Tensor, nn
 
 from errors import ConfigError
-from float8_quantize import quantize_weight
+from float8_quantize import F8Linear, fp8_supported, quantize_weight
 
-QUANTO = ("qfloat8", "qint2")
+QUANTO = ("quanto_qfloat8", "qint2")  # a text encoder's types that optimum-quanto makes
 BITSANDBYTES = ("qint4", "qint8")
 
 
@@ -38,6 +39,7 @@ def quanto_quantize(model: nn.Module, quant: str, include: list[str] | None = No
         from optimum import quanto
     except ImportError as e:
         raise ConfigError(f"quantization {quant!r} needs optimum-quanto (pip install optimum-quanto)") from e
+    quant = quant.removeprefix("quanto_")
     if quant not in QUANTO_TYPES:
         raise ConfigError(f"not a quanto weight type: {quant!r} (one of {', '.join(QUANTO_TYPES)})")
     before = weight_bytes(model)
@@ -99,3 +101,70 @@ def quantize_autoencoder(ae: nn.Module) -> nn.Module:
         f"({(before - after) / 2**20:.1f} MiB saved; computed in {next(iter(ae.parameters())).dtype})"
     )
     return ae
+
+
+class F8EncoderLinear(nn.Module):
+    """A text encoder's linear layer with e4m3 weights, one float32 scale per output channel (half of bf16's bytes).
+
+    Weight-only by default: the weight is cast for each matmul, which runs in the activations' dtype, so only
+    the weights' rounding costs accuracy (T5's activations have outlier channels that per-token fp8 would round
+    badly); `matmul=True` runs a true fp8 matmul with per-token activation scales instead (`F8Linear`).
+    Needs no compiled extension, unlike optimum-quanto's qfloat8, whose CUDA build took minutes at a cold start.
+    """
+
+    # transformers' T5 casts `wo`'s input to `wo.weight.dtype` when that differs from its own: e4m3 would ruin it,
+    # so this layer shows no `weight` (its e4m3 tensor lives in `fp8.weight`)
+    weight = None
+
+    def __init__(self, linear: nn.Linear, matmul: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach()
+        self.fp8 = F8Linear(
+            self.in_features, self.out_features, linear.bias is not None, fast_accum=True, out_dtype=w.dtype,
+            device=w.device,
+        )  # fmt: skip
+        q, scale = quantize_weight(w, per_channel=True)
+        self.fp8.weight.data = q
+        self.fp8.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            self.fp8.bias.data = linear.bias.detach().clone()
+        self.matmul = matmul
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 matmul={self.matmul}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.matmul and fp8_supported(x.device):  # checked per call: the module may be offloaded between calls
+            self.fp8.use_fp8 = True
+            return self.fp8(x)
+        if x.dtype not in (torch.bfloat16, torch.float32):  # float16 could overflow before the scale: dequantize
+            self.fp8.use_fp8 = False
+            return self.fp8(x)
+        # e4m3 values are exact in bf16, so x @ (q * s)^T = (x @ q^T) * s: the weight is only cast (half the
+        # traffic of dequantizing it through float32) and the scale applied to the output channels
+        y = F.linear(x, self.fp8.weight.to(x.dtype)).float() * self.fp8.weight_scale.reshape(-1)
+        if self.fp8.bias is not None:
+            y = y + self.fp8.bias.float()
+        return y.to(x.dtype)
+
+
+@torch.no_grad()
+def fp8_text_encoder(model: nn.Module, matmul: bool = False) -> nn.Module:
+    """Swap every linear layer of a `transformers` text encoder for `F8EncoderLinear`, in place, one layer at a
+    time (the peak is the model plus one layer's e4m3 copy); embeddings and norms stay as they are."""
+    before = weight_bytes(model)
+
+    def swap(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
+                setattr(module, name, F8EncoderLinear(child, matmul))
+            else:
+                swap(child)
+
+    swap(model)
+    logger.info(
+        f"{type(model).__name__}: fp8 weights{' and matmuls' if matmul else ''}, "
+        f"{before / 2**20:.0f} -> {weight_bytes(model) / 2**20:.0f} MiB"
+    )
+    return model

@@ -78,7 +78,7 @@ class QuantizationDtype(str, Enum):
 
 
 DType = Literal["bfloat16", "float16", "float32"]
-TextQuant = Literal["qfloat8", "qint2", "qint4", "qint8", "bfloat16", "float16"]
+TextQuant = Literal["qfloat8", "quanto_qfloat8", "qint2", "qint4", "qint8", "bfloat16", "float16"]
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -143,6 +143,8 @@ class ModelSpec(BaseModel):
     compile_blocks: bool = False
     compile_extras: bool = False
     cuda_graphs: bool = True  # replay the flow model's forward as a CUDA graph (CUDA, flow not offloaded)
+    # the compile-cache artifact loaded before compiling (compile_cache.py); None: `<ckpt_path>.compile-cache`
+    compile_cache: str | None = None
     offload_text_encoder: bool = False
     offload_vae: bool = False
     offload_flow: bool = False

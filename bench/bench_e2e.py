@@ -76,6 +76,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="compile blocks and extras (warm-up included)")
     ap.add_argument("--offload", action="store_true", help="offload_text_encoder + offload_vae")
     ap.add_argument("--fp8-attention", action="store_true", help="the opt-in fp8 attention (config fp8_attention)")
+    ap.add_argument("--t5", default="bf16", help="T5 weights: bf16, qfloat8, 'fp8 matmul' or quanto_qfloat8")
+    ap.add_argument("--decode-band-mib", type=int, default=KernelOptions().decode_band_mib,
+                    help="the autoencoder's large convolutions in bands of this size (0: whole)")  # fmt: skip
+    ap.add_argument("--ae-fp8", action="store_true", help="fp8 autoencoder weights (ae_quantization_dtype qfloat8)")
     ap.add_argument("--text-enc-device", help="default: --device")
     ap.add_argument("--ae-device", help="default: --device")
     ap.add_argument("--out")
@@ -94,12 +98,23 @@ def main() -> None:
     model = f8.quantize_flow_model(random_model(cfg["params"], args.device, torch.bfloat16), f8.F8Settings())
     model.set_kernel_options(KernelOptions(fp8_attention=args.fp8_attention))
     with torch.device(ae_dev):
-        ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"])).to(torch.bfloat16).eval().requires_grad_(False)
+        ae = AutoEncoder(AutoEncoderParams(**cfg["ae_params"]), KernelOptions(decode_band_mib=args.decode_band_mib))
+        ae = ae.to(torch.bfloat16).eval().requires_grad_(False)
     clip, t5 = random_encoders(args.tiny, enc_dev, torch.bfloat16)
+    if args.t5 != "bf16":
+        from bench.bench_t5 import quantized
+
+        quantized(t5.hf_module, args.t5)
+    if args.ae_fp8:
+        from encoder_quantize import quantize_autoencoder
+
+        quantize_autoencoder(ae)
     if args.offload:  # offloaded components live on the CPU and visit their device while they run
         ae.to("cpu")
         clip.hf_module.to("cpu")
         t5.hf_module.to("cpu")
+    cuda = args.device.startswith("cuda")
+    resident = torch.cuda.memory_allocated(args.device) / 2**30 if cuda else 0.0
     pipe = FluxPipeline(config, model, ae, clip, t5)
     if args.compile:
         t = time.perf_counter()
@@ -107,17 +122,29 @@ def main() -> None:
         pipe.generate_images("warm-up", width, height, 2, seed=0)
         print(f"compile + warm-up {time.perf_counter() - t:.1f} s", flush=True)
     pipe.generate("warm-up", width, height, args.steps, seed=0, silent=True)
-    cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         for d in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(d)
     totals, phases = [], {"text": [], "denoise": [], "decode": []}
+    phase_peak = {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+
+    def peak(phase: str, start: bool) -> None:
+        """The largest allocation of each phase, on the flow model's GPU."""
+        if not cuda:
+            return
+        if start:
+            torch.cuda.reset_peak_memory_stats(args.device)
+        else:
+            phase_peak[phase] = max(phase_peak[phase], torch.cuda.max_memory_allocated(args.device) / 2**30)
+
     for rep in range(args.reps):
         sync()
         t0 = time.perf_counter()
+        peak("text", True)
         txt, vec = pipe.encode_prompt(f"a lighthouse at dusk {rep}", 1)
         sync()
+        peak("text", False)
         t1 = time.perf_counter()
         jpeg = pipe.generate(f"a lighthouse at dusk {rep}", width, height, args.steps, seed=rep, silent=True)
         sync()
@@ -125,6 +152,7 @@ def main() -> None:
         totals.append(t2 - t1)
         phases["text"].append(t1 - t0)
         assert jpeg.getvalue()[:2] == b"\xff\xd8"
+    e2e_peak = [torch.cuda.max_memory_allocated(d) / 2**30 for d in range(torch.cuda.device_count())] if cuda else []
     # denoise alone, to split the end-to-end time
     img = sampling.pack(sampling.get_noise(1, height, width, 0)).to(args.device)
     ids, tids = sampling.img_ids(1, height, width).to(args.device), sampling.txt_ids(1, txt.shape[1]).to(args.device)
@@ -140,11 +168,15 @@ def main() -> None:
     for _ in range(args.reps):
         sync()
         t = time.perf_counter()
+        peak("denoise", True)
         with torch.inference_mode():
             out = sampling.denoise(pipe.step_model, img, ids, txt, tids, vec, steps, 3.5)
         sync()
+        peak("denoise", False)
         phases["denoise"].append(time.perf_counter() - t)
+        peak("decode", True)
         phases["decode"].append(decode_s(out))
+        peak("decode", False)
     # the same decode with PyTorch's GroupNorm (the kernel off), for the same-run comparison
     pipe.ae.set_kernel_options(KernelOptions(group_norm=False))
     try:
@@ -158,9 +190,11 @@ def main() -> None:
         "fp8_attention": args.fp8_attention,
         "offload": args.offload,
         "devices": {"flux": args.device, "text_enc": enc_dev, "ae": ae_dev},
-        "peak_gib_per_gpu": [torch.cuda.max_memory_allocated(d) / 2**30 for d in range(torch.cuda.device_count())]
-        if cuda
-        else [],
+        "t5": args.t5,
+        "ae_fp8": args.ae_fp8,
+        "peak_gib_per_gpu": e2e_peak,
+        "resident_gib": resident,
+        "phase_peak_gib": phase_peak,
         "end_to_end_s": statistics.median(totals),
         **{f"{k}_s": statistics.median(v) for k, v in phases.items()},
         "decode_torch_group_norm_s": statistics.median(torch_norm),
@@ -171,12 +205,16 @@ def main() -> None:
     row = [
         f"{args.size}, {args.steps} steps",
         ("compiled" if args.compile else "eager") + (", fp8 attention" if args.fp8_attention else ""),
+        args.t5 + (", fp8 autoencoder" if args.ae_fp8 else "") + f", decode bands {args.decode_band_mib} MiB",
         f"{result['end_to_end_s']:.3f}",
         *(f"{result[k]:.3f}" for k in ("text_s", "denoise_s", "decode_s", "decode_torch_group_norm_s")),
         " / ".join(f"{g:.2f}" for g in result["peak_gib_per_gpu"]) or "-",
+        f"{resident:.2f}",
+        " / ".join(f"{phase_peak[k]:.2f}" for k in ("text", "denoise", "decode")),
     ]
-    header = ["image", "flow model", "prompt -> JPEG s", "text s", "denoise s", "decode s",
-              "decode with PyTorch's GroupNorm s", "peak GiB"]  # fmt: skip
+    header = ["image", "flow model", "T5", "prompt -> JPEG s", "text s", "denoise s", "decode s",
+              "decode with PyTorch's GroupNorm s", "peak GiB", "resident GiB",
+              "peak GiB text / denoise / decode"]  # fmt: skip
     devices = ", ".join(f"{k} {v}" for k, v in result["devices"].items())
     title = f"End-to-end image (median of {args.reps}; {devices}{', offloaded' if args.offload else ''})"
     report.append(args.results, title, args.device, [report.table(header, [row])])

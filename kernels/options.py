@@ -14,4 +14,6 @@ class KernelOptions:
     qk_kernel: bool = True  # QK RMS norm + rotary embedding in one pass
     group_norm: bool = True  # the autoencoder's GroupNorm (+ swish) with statistics spread over the whole GPU
     cudnn_attention: bool = True  # cuDNN first among the exact attention backends (False: flash first)
+    # the autoencoder's large 3x3 convolutions (and upsampling) made in bands of rows of this size (0: whole)
+    decode_band_mib: int = 32
     fp8_attention: bool = False  # attention in e4m3 through cuDNN's fp8 kernel (opt-in: faster, not exact)

@@ -70,9 +70,11 @@ class ResnetBlock(nn.Module):
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
+    band_bytes = 0  # `AutoEncoder.set_kernel_options`: convolutions of larger inputs run in bands (`conv_in_bands`)
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x, swish=True))
-        h = self.conv2(self.norm2(h, swish=True))
+        h = conv_in_bands(self.conv1, self.norm1(x, swish=True), self.band_bytes)
+        h = conv_in_bands(self.conv2, self.norm2(h, swish=True), self.band_bytes)
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
         return x + h
@@ -88,13 +90,57 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
 
 
+def conv_in_bands(conv: nn.Module, x: Tensor, band_bytes: int) -> Tensor:
+    """`conv(x)` for a 3x3, stride 1, padding 1 convolution, made in bands of rows (each with one row of context on
+    either side, zeros at the image's edges) when `x` is larger than `band_bytes`: cuDNN converts a whole NCHW
+    input (and its output) to its own layout first, which at the decoder's full resolution held a gigabyte more
+    than the output (bench/RESULTS.md, profile_decode). The bands' results are the same values."""
+    b, c, h, w = x.shape
+    size = x.numel() * x.element_size()
+    plain = type(conv) is not nn.Conv2d or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1)
+    if plain or not band_bytes or size <= band_bytes or h < 2:
+        return conv(x)
+    out = torch.empty((b, conv.out_channels, h, w), dtype=x.dtype, device=x.device)
+    rows = max(1, h * band_bytes // size)
+    for start in range(0, h, rows):
+        stop = min(h, start + rows)
+        band = x[:, :, max(0, start - 1) : min(h, stop + 1)]
+        edges = (0, 0, int(start == 0), int(stop == h))
+        if any(edges):
+            band = F.pad(band, edges)
+        out[:, :, start:stop] = F.conv2d(band, conv.weight, conv.bias, padding=(0, 1))
+    return out
+
+
 class Upsample(nn.Module):
+    """2x nearest upsampling, then a 3x3 convolution. `band_bytes` > 0: where the upsampled tensor would be larger,
+    it is made and convolved in bands of rows (each with the one row of context the convolution needs), so the
+    whole upsampled tensor never exists: at 1024x1024 the last one would hold 512 MiB next to its output, and
+    cuDNN's layout copies of it as much again."""
+
+    band_bytes = 0  # `AutoEncoder.set_kernel_options`
+
     def __init__(self, in_channels: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        b, c, h, w = x.shape
+        big = 4 * x.numel() * x.element_size()
+        if not self.band_bytes or big <= self.band_bytes or h < 2:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        out = torch.empty((b, self.conv.out_channels, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
+        rows = max(1, h * self.band_bytes // big)  # input rows per band
+        for start in range(0, h, rows):
+            stop = min(h, start + rows)
+            lo, hi = max(0, start - 1), min(h, stop + 1)  # one input row of context each side, where there is one
+            band = F.interpolate(x[:, :, lo:hi], scale_factor=2.0, mode="nearest")
+            # upsampled rows 2*start-1 .. 2*stop (zeros outside the image, as the convolution's padding)
+            top = band[:, :, 2 * (start - lo) - 1 :] if start > 0 else F.pad(band, (0, 0, 1, 0))
+            cut = top.shape[2] - (2 * (hi - stop) - 1) if stop < h else None
+            rows_in = top[:, :, :cut] if stop < h else F.pad(top, (0, 0, 0, 1))
+            out[:, :, 2 * start : 2 * stop] = F.conv2d(rows_in, self.conv.weight, self.conv.bias, padding=(0, 1))
+        return out
 
 
 def _mid(block_in: int) -> nn.Module:
@@ -193,6 +239,8 @@ class AutoEncoder(nn.Module):
         for module in self.modules():
             if isinstance(module, GroupNorm):
                 module.use_kernel = options.group_norm
+            if isinstance(module, (Upsample, ResnetBlock)):
+                module.band_bytes = options.decode_band_mib << 20
 
     @property
     def dtype(self) -> torch.dtype:

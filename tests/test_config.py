@@ -79,8 +79,17 @@ def test_pipeline_loader_rejects_bad_override():
         FluxPipeline.load_pipeline_from_config_path(str(TINY_CONFIG), flux_device="tpu:0")
 
 
+def test_the_24_gb_config_keeps_everything_resident_with_t5_in_fp8():
+    spec = spec_from_dict(json.loads((ROOT / "configs" / "config-dev-1-4090.json").read_text()))
+    assert spec.text_enc_quantization_dtype == "qfloat8" and spec.flow_quantization_dtype == "qfloat8"
+    assert not (spec.offload_text_encoder or spec.offload_vae or spec.offload_flow)
+    assert spec.compile_blocks and spec.compile_extras
+
+
 def test_shipped_gpu_configs_run_with_no_editing():
-    for name in ("config-dev-1-H100.json", "config-dev-offload-1-4090.json", "config-schnell-1-H100.json"):
+    names = ("config-dev-1-H100.json", "config-dev-1-4090.json", "config-dev-offload-1-4090.json",
+             "config-schnell-1-H100.json")  # fmt: skip
+    for name in names:
         spec = spec_from_dict(json.loads((ROOT / "configs" / name).read_text()))
         repo = "black-forest-labs/FLUX.1-schnell" if "schnell" in name else "black-forest-labs/FLUX.1-dev"
         assert hub.split(spec.ckpt_path, None, None)[0] == repo  # the checkpoints come from the hub

@@ -137,10 +137,35 @@ def test_bitsandbytes_text_encoder(cuda_cfg, quant):
     assert pipe.generate("a fox", 128, 128, 2, seed=1, silent=True).getvalue()
 
 
+def test_fp8_text_encoder_on_the_gpu_matches_the_cpu(tiny_cfg):
+    """Our fp8 T5 quantized on the GPU holds the e4m3 weights of one quantized on the CPU, up to values on a rounding
+    boundary (the two devices' float32 arithmetic may differ in the last bit of a scale), and embeds the same."""
+    from encoder_quantize import F8EncoderLinear
+
+    cfg = dict(tiny_cfg, text_enc_quantization_dtype="qfloat8")
+    _, t5_gpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cuda:0")))
+    _, t5_cpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cpu")))
+    gpu_layers = {n: m for n, m in t5_gpu.hf_module.named_modules() if isinstance(m, F8EncoderLinear)}
+    cpu_layers = {n: m for n, m in t5_cpu.hf_module.named_modules() if isinstance(m, F8EncoderLinear)}
+    assert gpu_layers.keys() == cpu_layers.keys() and gpu_layers
+    for name, m in cpu_layers.items():
+        gpu = gpu_layers[name].fp8
+        assert gpu.weight.device.type == "cuda" and gpu.weight.dtype == torch.float8_e4m3fn
+        torch.testing.assert_close(m.fp8.weight_scale, gpu.weight_scale.cpu(), rtol=1e-5, atol=0)
+        differ = (m.fp8.weight.view(torch.uint8) != gpu.weight.cpu().view(torch.uint8)).float().mean().item()
+        assert differ < 0.01, (name, differ)
+    ids, _ = t5_gpu.tokenize(["a fox in the snow"])
+    with torch.no_grad():
+        on_gpu = t5_gpu(ids.cuda()).float().cpu()
+        t5_cpu.hf_module.cuda()
+        reference = t5_cpu(ids.cuda()).float().cpu()
+    assert ((on_gpu - reference).norm() / reference.norm()).item() < 0.01
+
+
 def test_quanto_text_encoder_is_quantized_on_the_gpu(tiny_cfg):
     """A CUDA text encoder is read onto the GPU and quantized there; it embeds as one quantized on the CPU."""
 
-    cfg = dict(tiny_cfg, text_enc_quantization_dtype="qfloat8")
+    cfg = dict(tiny_cfg, text_enc_quantization_dtype="quanto_qfloat8")
     _, t5_gpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cuda:0")))
     _, t5_cpu = load_text_encoders(ModelSpec(**dict(cfg, text_enc_device="cpu")))
     weight = t5_gpu.hf_module.encoder.block[0].layer[0].SelfAttention.q.weight

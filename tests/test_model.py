@@ -197,3 +197,34 @@ def test_denoise_computes_modulations_once_per_image(flow_params, fp32_checkpoin
             img = img + (t_prev - t_curr) * pred
     assert calls == [4, 4]  # one call per layer for the 4 steps, not 4 calls
     torch.testing.assert_close(out, img, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("h, w, c", [(7, 5, 3), (8, 8, 4), (2, 3, 1), (33, 17, 5)])
+def test_banded_upsampling_equals_the_whole_tensor(h, w, c):
+    """The autoencoder's upsampling made in bands of rows (any band height) is the convolution of the whole
+    upsampled tensor, its zero padding at the image's edges included."""
+    from modules.autoencoder import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(c).double()
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    whole = up(x)
+    full = 4 * x.numel() * x.element_size()  # the upsampled tensor's bytes
+    for rows in range(1, h + 1):
+        up.band_bytes = max(1, rows * full // h) if rows < h else full - 1
+        torch.testing.assert_close(up(x), whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("h, w", [(7, 5), (8, 8), (2, 3), (33, 17)])
+def test_convolution_in_bands_equals_the_whole(h, w):
+    from modules.autoencoder import conv_in_bands
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    whole = conv(x)
+    size = x.numel() * x.element_size()
+    for rows in range(1, h + 1):
+        band = max(1, rows * size // h) if rows < h else size - 1
+        torch.testing.assert_close(conv_in_bands(conv, x, band), whole, rtol=0, atol=1e-12)
+    assert conv_in_bands(conv, x, 0) is not None
