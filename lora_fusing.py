@@ -1,8 +1,9 @@
 """Fusing LoRAs into the flow model's weights, with exact unloads.
 
-Fusing keeps every touched layer's pristine weights in host memory, so weights are always `pristine + sum of the
-loaded LoRAs' deltas`, unloading the last LoRA restores the exact original tensors, and a change that fails is
-undone the same way: the weights and the loaded set are what they were before it.
+Weights are always `pristine + sum of the loaded LoRAs' deltas`: unloading the last LoRA restores the exact original
+tensors, and a change that fails is undone the same way (the weights and the loaded set are what they were before
+it). The pristine tensors come back from the checkpoint file (`checkpoint_source`), read and converted as loading did
+and checked bit for bit once per layer; a layer the file cannot give back exactly keeps a host copy instead.
 """
 
 import math
@@ -15,6 +16,7 @@ import torch
 from loguru import logger
 from torch import Tensor, nn
 
+from checkpoint_source import CheckpointSource
 from errors import LoraError, LoraNotLoaded
 from float8_quantize import F8Linear, dequantize_weight, quantize_weight
 from lora_loading import LoraDeltas, convert_lora, read_lora
@@ -33,16 +35,19 @@ class LoadedLora:
 class LoraFuser:
     """Keeps `model`'s touched layers equal to pristine + the sum of every loaded LoRA's delta.
 
-    A layer's pristine tensors are copied to host memory the first time a LoRA touches it and kept from then on,
-    so later loads, swaps and unloads move no weights off the GPU. Layers that hold their pristine values (not in
-    `dirty`) are read in place: a swap uploads nothing either. `pin_backups`: the copies in pinned memory, which
-    costs more to take once and makes every later swap several times faster (bench/RESULTS.md, bench_lora).
+    The first time a LoRA touches a layer, its way back is settled: with a `source` (the checkpoint file), the
+    layer's tensors are read from it and compared with the model's, and if equal the file is where the layer is
+    restored from (`file_backed`: no memory held); otherwise (or without a source) the tensors are copied to host
+    memory and kept. Layers that hold their pristine values (not in `dirty`) are read in place: loading onto them
+    reads nothing. `pin_backups`: host copies in pinned memory (faster swaps, slower to take; bench_lora).
     """
 
     model: nn.Module
     pin_backups: bool = True
+    source: CheckpointSource | None = None
     loaded: dict[str, LoadedLora] = field(default_factory=dict)
     pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # host copies
+    file_backed: set[str] = field(default_factory=set)  # layers the source gives back bit for bit
     dirty: set[str] = field(default_factory=set)  # layers that hold pristine + deltas
 
     def modules(self) -> dict[str, nn.Module]:
@@ -74,6 +79,18 @@ class LoraFuser:
         previous = self.loaded.get(lora.name)
         self._change({**self.loaded, lora.name: lora}, set(lora.deltas) | _layers(previous))
 
+    def replace(self, loaded: dict[str, LoadedLora]) -> None:
+        """Make `loaded` the whole loaded set in one change (all of it, or nothing): each layer that any removed, added
+        or rescaled LoRA touches is computed once from its pristine tensors, not restored and then fused again."""
+        changed = {n: lora for n, lora in loaded.items() if self.loaded.get(n) is not lora}
+        for lora in changed.values():
+            self.check(lora.deltas)
+        layers = set().union(*(set(lora.deltas) for lora in changed.values()))
+        for name, lora in self.loaded.items():
+            if loaded.get(name) is not lora:
+                layers |= set(lora.deltas)
+        self._change(dict(loaded), layers)
+
     def remove(self, name: str) -> LoadedLora:
         lora = self.loaded[name]
         self._change({n: other for n, other in self.loaded.items() if n != name}, set(lora.deltas))
@@ -92,40 +109,78 @@ class LoraFuser:
 
     @torch.no_grad()
     def back_up(self) -> int:
-        """Take the pristine copies of every linear layer now (those not taken yet); returns how many."""
-        taken = 0
-        for name, module in self.modules().items():
-            if isinstance(module, (nn.Linear, F8Linear)) and name not in self.pristine:
-                self._keep_pristine(name, _state(module))
-                taken += 1
+        """Settle every linear layer's way back now (those not settled yet); returns how many."""
+        names = {n for n, m in self.modules().items() if isinstance(m, (nn.Linear, F8Linear))}
+        return self._settle(names)
+
+    @torch.no_grad()
+    def _settle(self, names: set[str]) -> int:
+        """Give each layer of `names` that has none a way back to its pristine tensors: the checkpoint file where
+        it gives them back bit for bit, else a host copy. Runs before anything changes them."""
+        modules = self.modules()
+        new = sorted(n for n in names if n not in self.pristine and n not in self.file_backed)
+        assert not self.dirty.intersection(new)  # a dirty layer always has its way back: settled before the change
+        if not new:
+            return 0
+        from_file = [n for n in new if self.source is not None and self.source.has(n)]
+        if from_file:
+            self._check_source()
+            same = {name: _bits_equal(_state(modules[name]), _assemble(modules[name], leaves))
+                    for name, leaves in self.source.read(from_file)}  # fmt: skip
+            matched = {n for n, flag in same.items() if flag.item()}
+            self.file_backed |= matched
+            if len(matched) < len(from_file):
+                logger.warning(
+                    f"{len(from_file) - len(matched)} layers differ from {self.source.path} (e.g. "
+                    f"{sorted(set(from_file) - matched)[:3]}): their pristine weights are kept in host memory"
+                )
+        for name in new:
+            if name not in self.file_backed:
+                self.pristine[name] = tuple(_host_copy(t, self.pin_backups) for t in _state(modules[name]))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return taken
+        return len(new)
 
-    def _keep_pristine(self, name: str, state: tuple[Tensor, ...]) -> None:
-        assert name not in self.dirty  # a dirty layer always has its copy: it was taken before the first change
-        self.pristine[name] = tuple(_host_copy(t, self.pin_backups) for t in state)
+    def _check_source(self) -> None:
+        if self.source.changed():
+            raise LoraError(
+                f"the flow checkpoint {self.source.path} changed on disk since it was loaded: LoRA changes need the "
+                "file the model was loaded from (restart to load the new one)"
+            )
+
+    def host_bytes(self) -> int:
+        """Host memory the pristine copies hold."""
+        return sum(t.numel() * t.element_size() for ts in self.pristine.values() for t in ts)
 
     @torch.no_grad()
     def _refresh(self, names: set[str]) -> None:
+        self._settle(names)
         modules = self.modules()
+        ordered = sorted(names)
+        reread = [n for n in ordered if n in self.dirty and n in self.file_backed]
+        if reread:
+            self._check_source()
+        from_file = iter(self.source.read(reread)) if reread else iter(())
         finite: dict[str, Tensor] = {}  # per layer, on its device: read once at the end, one wait, not one a layer
-        for name in sorted(names):
+        for name in ordered:
             module = modules[name]
             state = _state(module)
-            if name not in self.pristine:
-                self._keep_pristine(name, state)
+            if name in self.dirty and name in self.file_backed:
+                read_name, leaves = next(from_file)
+                assert read_name == name
+                orig = _assemble(module, leaves)
+            elif name in self.dirty:
+                orig = tuple(t.to(module.weight.device, non_blocking=True) for t in self.pristine[name])
+            else:
+                orig = state
             parts = [(p, lora.scale) for lora in self.loaded.values() for p in lora.deltas.get(name, [])]
             if not parts:  # nothing left on this layer: the exact original tensors
                 if name in self.dirty:
-                    for t, orig in zip(state, self.pristine[name], strict=True):
-                        t.copy_(orig, non_blocking=True)
+                    for t, o in zip(state, orig, strict=True):
+                        t.copy_(o, non_blocking=True)
                     self.dirty.discard(name)
                 continue
             device = module.weight.device
-            orig = (
-                state if name not in self.dirty else tuple(t.to(device, non_blocking=True) for t in self.pristine[name])
-            )
             # float32 working copies (never views of the pristine tensors)
             if isinstance(module, F8Linear):
                 weight = dequantize_weight(orig[0], orig[1])
@@ -162,6 +217,26 @@ class LoraFuser:
 
 def _layers(lora: LoadedLora | None) -> set[str]:
     return set(lora.deltas) if lora is not None else set()
+
+
+def _assemble(module: nn.Module, leaves: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """A layer's tensors from the checkpoint, in `_state`'s order."""
+    tensors = [leaves["weight"]]
+    if isinstance(module, F8Linear):
+        tensors.append(leaves["weight_scale"])
+    if module.bias is not None:
+        tensors.append(leaves["bias"])
+    return tuple(tensors)
+
+
+def _bits_equal(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
+    """Whether two tuples of tensors hold the same bits (a 0-d bool on their device, read later)."""
+    device = a[0].device
+    if len(a) != len(b) or any(x.dtype != y.dtype or x.numel() != y.numel() for x, y in zip(a, b, strict=True)):
+        return torch.tensor(False, device=device)
+    flags = [torch.equal(x.reshape(-1).view(torch.uint8), y.to(device).reshape(-1).view(torch.uint8))
+             for x, y in zip(a, b, strict=True)]  # fmt: skip
+    return torch.tensor(all(flags), device=device)
 
 
 def _host_copy(t: Tensor, pinned: bool) -> Tensor:
@@ -221,20 +296,55 @@ class PipelineLoras:
             )
         return name
 
-    def prepare_loras(self) -> None:
-        """Copy every linear layer's pristine weights to host memory now, so that no LoRA load pays for it later.
+    def set_loras(self, wanted: dict[str, tuple[str, float]]) -> int:
+        """Make the fused LoRAs exactly `wanted` ({name: (path, scale)}) in one change: a LoRA whose name and path are
+        loaded already keeps its deltas (a new scale only rescales), the others are read; unchanged layers are not
+        touched. Returns the loads and unloads it made (0: nothing to do)."""
+        for name, (_path, scale) in wanted.items():
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise LoraError(f"LoRA scale must be a finite number, got {scale!r} for {name!r}")
+        with self.lock:
+            current = self.loras.loaded
+            new: dict[str, LoadedLora] = {}
+            changes = sum(1 for n, lora in current.items() if n not in wanted or wanted[n][0] != lora.path)
+            for name, (path, scale) in wanted.items():
+                old = current.get(name)
+                if old is not None and old.path == str(path) and old.scale == float(scale):
+                    new[name] = old
+                    continue
+                changes += 1
+                if old is not None and old.path == str(path):
+                    deltas, ignored = old.deltas, old.ignored
+                else:
+                    sd, metadata = read_lora(str(path))
+                    ignored = []
+                    deltas = convert_lora(sd, self.config.params.hidden_size, metadata, ignored)
+                    deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
+                new[name] = LoadedLora(name, str(path), float(scale), deltas, ignored)
+            if not changes:
+                return 0
+            start = time.perf_counter()
+            self.loras.replace(new)
+            logger.info(
+                f"LoRAs set to {sorted(new) or 'none'} ({changes} loads and unloads) in "
+                f"{time.perf_counter() - start:.2f} s"
+            )
+        return changes
 
-        LoRA fusing needs these copies to restore the exact weights; taken on demand, the first LoRA covering the
-        whole model waits for all of them (seconds; bench/RESULTS.md). The server takes them at start-up with
-        `--lora-dir`.
-        Costs host memory the size of the flow model's linear weights (11 GiB in fp8 for FLUX.1)."""
+    def prepare_loras(self) -> None:
+        """Settle every linear layer's way back to its pristine weights now, so that no LoRA load pays for it later.
+
+        Layers whose checkpoint file gives them back bit for bit (read once now, and compared) cost no memory; the
+        others are copied to host memory (11 GiB in fp8 for all of FLUX.1). Taken on demand, the first LoRA covering
+        the whole model would wait for this (seconds; bench/RESULTS.md). The server does it at start-up with
+        `--lora-dir`."""
         with self.lock:
             start = time.perf_counter()
-            taken = self.loras.back_up()
-            size = sum(t.numel() * t.element_size() for ts in self.loras.pristine.values() for t in ts)
+            settled = self.loras.back_up()
             logger.info(
-                f"LoRA backups: {taken} layers copied to host memory in {time.perf_counter() - start:.1f} s "
-                f"({size / 2**30:.2f} GiB held)"
+                f"LoRA restore sources for {settled} layers settled in {time.perf_counter() - start:.1f} s: "
+                f"{len(self.loras.file_backed)} from the checkpoint file, {len(self.loras.pristine)} in host memory "
+                f"({self.loras.host_bytes() / 2**30:.2f} GiB held)"
             )
 
     def unload_lora(self, name_or_path: str | None = None, *, path_or_identifier: str | None = None) -> None:

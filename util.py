@@ -18,6 +18,7 @@ import encoder_quantize
 import f8_original
 import float8_quantize
 import hub
+from checkpoint_source import CheckpointSource
 from errors import ConfigError
 from kernels import fp8_attention
 from kernels.options import KernelOptions
@@ -285,6 +286,25 @@ def write_prequantized(config_path: str, output: str, device: str | None = None)
     float8_quantize.save_prequantized(load_flow_model(config), output, metadata)
 
 
+def checkpoint_source(config: ModelSpec, model: nn.Module) -> CheckpointSource | None:
+    """The flow model's checkpoint as LoRA unloads read it back (`checkpoint_source`): each tensor converted as
+    `load_flow_model` converted it, on the model's device. None where that cannot be the same bits: optimum-quanto
+    weights, the original flux-fp8-api's fp8 files (dequantized and re-quantized, or its own recipe)."""
+    if not config.flow_fp8 and config.flow_quantization_dtype in encoder_quantize.QUANTO_TYPES:
+        return None
+    path = flow_checkpoint(config)
+    if f8_original.fp8_layers(read_keys(path)):
+        return None
+    device = next(model.parameters()).device
+    dtype = config.flow_torch_dtype
+    if config.flow_fp8:
+        f8_modules = {n: m for n, m in model.named_modules() if isinstance(m, float8_quantize.F8Linear)}
+        convert = float8_quantize.tensor_converter(f8_modules, config.f8_settings, dtype, config.prequantized_flow)
+    else:
+        convert = lambda key, t: {key: t.to(dtype)}  # noqa: E731 - as load_flow_model reads an unquantized file
+    return CheckpointSource(path, convert, device)
+
+
 def load_autoencoder(config: ModelSpec, options: KernelOptions = KernelOptions()) -> AutoEncoder:
     device = check_device(config.ae_device, "ae_device")
     with torch.device("meta"):
@@ -321,7 +341,9 @@ def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype,
         # GPU, tens of seconds on the CPU (the bf16 copy is freed layer by layer as quanto freezes the weights)
         on_gpu = device.type == "cuda"
         model = model_cls.from_pretrained(path, dtype=dtype, **({"device_map": {"": device}} if on_gpu else {}))
-        if quant in encoder_quantize.QUANTO:  # the text encoders' qint4/qint8 are bitsandbytes'
+        if quant == "qfloat8":  # ours: no extension to build (quanto's is `quanto_qfloat8`)
+            encoder_quantize.fp8_text_encoder(model)
+        elif quant in encoder_quantize.QUANTO:  # the text encoders' qint4/qint8 are bitsandbytes'
             encoder_quantize.quanto_quantize(model, quant)
         if not on_gpu:
             model = model.to(device)

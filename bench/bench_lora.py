@@ -8,6 +8,11 @@ BFL-format rank-64 LoRA file covering every linear layer: the first load (which 
 layer's pristine weights to host memory once), unload, a second LoRA, stacking both, a scale change, and
 unloading everything. Checks that no block was recompiled and that the output after the last unload is
 bit-identical to the output before the first load.
+
+With `--checkpoint FILE` (a prequantized full-size file, e.g. the one `bench_serving` writes), the model is loaded
+from it by the real loader and unloads restore from it (`checkpoint_source`, no host copies); `--restore host`
+keeps host copies as before. Host memory (RSS, and its anonymous part, where pinned copies live) is recorded
+before and after.
 """
 
 import argparse
@@ -22,7 +27,7 @@ from torch._dynamo.utils import counters
 import float8_quantize as f8
 from bench.bench_flow import inputs, params, random_model, random_weights_config
 from flux_pipeline import FluxPipeline, compile_flow_model
-from util import spec_from_dict
+from util import checkpoint_source, load_flow_model, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,14 +54,29 @@ def main() -> None:
     ap.add_argument("--pageable", action="store_true", help="pageable host backups (pin_lora_backups=False)")
     ap.add_argument("--prepare", action="store_true", help="FluxPipeline.prepare_loras() first, timed (the server "
                     "does it at start-up with --lora-dir)")  # fmt: skip
+    ap.add_argument("--no-compile", action="store_true", help="eager blocks (LoRA times do not depend on it)")
+    ap.add_argument("--checkpoint", help="a prequantized flow checkpoint to load the model from")
+    ap.add_argument("--restore", choices=["file", "host"], default="file", help="with --checkpoint: where unloads "
+                    "restore from")  # fmt: skip
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = args.device
     p = params(args.tiny)
     cfg = random_weights_config(args.tiny, flux_device=dev, ae_device=dev, text_enc_device=dev)
-    model = f8.quantize_flow_model(random_model(p, dev, torch.bfloat16), f8.F8Settings())
-    pipe = FluxPipeline(spec_from_dict(cfg), model, None, None, None, pin_lora_backups=not args.pageable)
-    compile_flow_model(model)
+    rss_start = host_memory()
+    source = None
+    if args.checkpoint:
+        cfg.update(ckpt_path=args.checkpoint, prequantized_flow=True)
+        spec = spec_from_dict(cfg)
+        model = load_flow_model(spec)
+        source = checkpoint_source(spec, model) if args.restore == "file" else None
+    else:
+        model = f8.quantize_flow_model(random_model(p, dev, torch.bfloat16), f8.F8Settings())
+    pipe = FluxPipeline(
+        spec_from_dict(cfg), model, None, None, None, pin_lora_backups=not args.pageable, lora_source=source
+    )
+    if not args.no_compile:
+        compile_flow_model(model)
     height, width = (int(v) for v in args.size.split("x"))
     x = inputs(p, height, width, dev, torch.bfloat16)
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
@@ -74,7 +94,9 @@ def main() -> None:
     work = Path(args.workdir)
     layers, size = lora_file(model, args.rank, 1, work / "lora_a.safetensors")
     lora_file(model, args.rank, 2, work / "lora_b.safetensors")
-    result = {"pinned": not args.pageable, "prepared": args.prepare, "layers": layers, "rank": args.rank}
+    result = {"pinned": not args.pageable, "prepared": args.prepare, "layers": layers, "rank": args.rank,
+              "restore": args.restore if args.checkpoint else "host", "rss_at_start": rss_start,
+              "rss_before_loras": host_memory()}  # fmt: skip
     result["lora_file_mib"] = size / 2**20
     result["compile_s"] = compile_s
 
@@ -89,6 +111,7 @@ def main() -> None:
     if args.prepare:
         timed("prepare_loras_s", pipe.prepare_loras)
     timed("load_a_first_s", lambda: pipe.load_lora(work / "lora_a.safetensors", 1.0, "a"))
+    result["rss_after_first_lora"] = host_memory()
     with_a = forward()
     timed("unload_a_s", lambda: pipe.unload_lora("a"))
     timed("load_b_s", lambda: pipe.load_lora(work / "lora_b.safetensors", 0.8, "b"))
@@ -99,8 +122,21 @@ def main() -> None:
     timed("unload_a_again_s", lambda: pipe.unload_lora("a"))
     timed("load_a_again_s", lambda: pipe.load_lora(work / "lora_a.safetensors", 1.0, "a"))
     again = forward()
+
+    # what the server does between requests of two LoRA sets: one change (`set_loras`), or unload then load
+    timed("swap_a_to_b_s", lambda: pipe.set_loras({"b": (str(work / "lora_b.safetensors"), 1.0)}))
+    timed("swap_b_to_a_s", lambda: pipe.set_loras({"a": (str(work / "lora_a.safetensors"), 1.0)}))
+
+    def unload_then_load(old: str, new: str, path: Path) -> None:
+        pipe.unload_lora(old)
+        pipe.load_lora(path, 1.0, new)
+
+    timed("unload_a_load_b_s", lambda: unload_then_load("a", "b", work / "lora_b.safetensors"))
+    timed("unload_b_load_a_s", lambda: unload_then_load("b", "a", work / "lora_a.safetensors"))
     pipe.unload_lora("a")
     after = forward()
+    result["rss_at_end"] = host_memory()
+    result["host_copies_gib"] = pipe.loras.host_bytes() / 2**30
     result.update(
         recompiled_graphs=counters["stats"]["unique_graphs"] - graphs,
         lora_changes_output=not torch.equal(before, with_a),
@@ -110,6 +146,16 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def host_memory() -> dict[str, float]:
+    """This process's resident host memory in GiB: all of it, its anonymous part (pinned copies), its file part."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            fields[key] = round(int(value.split()[0]) / 2**20, 2)
+    return fields
 
 
 if __name__ == "__main__":

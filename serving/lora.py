@@ -129,14 +129,6 @@ def use_loras(app, wanted: Wanted | None) -> int:
     differs, so that consecutive jobs wanting the same set pay nothing. Returns the loads and unloads made."""
     pipeline = app.state.pipeline
     wanted = app.state.base_loras if wanted is None else wanted
-    loaded = current_loras(pipeline)
-    swaps = 0
-    for name, (path, _) in loaded.items():
-        if name not in wanted or wanted[name][0] != path:
-            pipeline.unload_lora(name)
-            swaps += 1
-    for name, (path, scale) in wanted.items():
-        if loaded.get(name) != (path, scale):
-            pipeline.load_lora(path, scale=scale, name=name)
-            swaps += 1
-    return swaps
+    if current_loras(pipeline) == wanted:
+        return 0
+    return pipeline.set_loras(wanted)  # one pass over the touched layers, however many LoRAs change

@@ -236,31 +236,36 @@ def test_fp8_unload_restores_bit_identical_outputs(tiny_cfg, flow_params, tmp_pa
 
 
 def test_prepared_backups_serve_every_later_load_exactly(tiny_cfg, flow_params):
-    """prepare_loras() copies every linear once; loads after it take no copies and unloads stay exact."""
+    """prepare_loras() settles every linear once (from the checkpoint file here: no host copies); loads after it read
+    nothing new and unloads stay exact. Without a file to restore from, the same holds with host copies."""
 
-    pipe = FluxPipeline.load_pipeline_from_config(tiny_cfg)
-    linears = [n for n, m in pipe.model.named_modules() if isinstance(m, (torch.nn.Linear, f8.F8Linear))]
-    pipe.prepare_loras()
-    assert sorted(pipe.loras.pristine) == sorted(linears)
-    copies = {n: [t.data_ptr() for t in ts] for n, ts in pipe.loras.pristine.items()}
-    g = torch.Generator().manual_seed(4)
-    h = flow_params["hidden_size"]
-    lora = {
-        "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, h, generator=g),
-        "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * h, 4, generator=g),
-        "final_layer.linear.lora_A.weight": torch.randn(4, h, generator=g),
-        "final_layer.linear.lora_B.weight": torch.randn(flow_params["in_channels"], 4, generator=g),
-    }
-    inputs = random_inputs(flow_params)
-    with torch.no_grad():
-        before = pipe.model(**inputs)
-        pipe.load_lora(lora, scale=1.0, name="x")
-        assert not torch.equal(pipe.model(**inputs), before)
-        pipe.unload_lora("x")
-        assert torch.equal(pipe.model(**inputs), before)
-    assert {n: [t.data_ptr() for t in ts] for n, ts in pipe.loras.pristine.items()} == copies  # none taken again
-    pipe.prepare_loras()  # idempotent
-    assert len(pipe.loras.pristine) == len(linears)
+    loaded = FluxPipeline.load_pipeline_from_config(tiny_cfg)
+    bare = FluxPipeline(loaded.config, loaded.model, loaded.ae, loaded.clip, loaded.t5)  # no lora_source
+    for pipe in (loaded, bare):
+        linears = [n for n, m in pipe.model.named_modules() if isinstance(m, (torch.nn.Linear, f8.F8Linear))]
+        pipe.prepare_loras()
+        held = pipe.loras.pristine if pipe is bare else pipe.loras.file_backed
+        assert sorted(held) == sorted(linears)
+        assert (pipe.loras.host_bytes() > 0) == (pipe is bare)
+        copies = {n: [t.data_ptr() for t in ts] for n, ts in pipe.loras.pristine.items()}
+        g = torch.Generator().manual_seed(4)
+        h = flow_params["hidden_size"]
+        lora = {
+            "double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(4, h, generator=g),
+            "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(3 * h, 4, generator=g),
+            "final_layer.linear.lora_A.weight": torch.randn(4, h, generator=g),
+            "final_layer.linear.lora_B.weight": torch.randn(flow_params["in_channels"], 4, generator=g),
+        }
+        inputs = random_inputs(flow_params)
+        with torch.no_grad():
+            before = pipe.model(**inputs)
+            pipe.load_lora(lora, scale=1.0, name="x")
+            assert not torch.equal(pipe.model(**inputs), before)
+            pipe.unload_lora("x")
+            assert torch.equal(pipe.model(**inputs), before)
+        assert {n: [t.data_ptr() for t in ts] for n, ts in pipe.loras.pristine.items()} == copies  # none taken again
+        pipe.prepare_loras()  # idempotent
+        assert len(pipe.loras.pristine) + len(pipe.loras.file_backed) == len(linears)
 
 
 def test_errors(tiny_cfg, base, tmp_path):
