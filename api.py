@@ -28,7 +28,7 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
     `app.state.drain()` (what SIGTERM calls) turns new requests away and drops the queued jobs. Without a
     pipeline, the one set as `app.state.model` before the server starts is served (the original's way)."""
     settings = settings or ServerSettings()
-    worker = Worker(settings.max_queue_size)
+    worker = Worker(settings.max_queue_size, settings.max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -40,6 +40,7 @@ def create_app(pipeline: FluxPipeline | None = None, settings: ServerSettings | 
     metrics = Metrics(worker)
     worker.observe_wait = metrics.queue_seconds.observe
     worker.observe_error = lambda e: metrics.errors.labels(type(e).__name__).inc()
+    worker.observe_batch = metrics.batch
     # outermost last: CORS answers preflights (they carry no key), every request is counted and gets its id,
     # then the key is checked, then the body is bounded as it is read
     app.add_middleware(BodyLimit)

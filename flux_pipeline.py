@@ -1,9 +1,6 @@
 """FluxPipeline: owns the text encoders, the flow transformer and the autoencoder, and makes images."""
 
-import functools
 import io
-import math
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -16,12 +13,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+import compile_cache
+from batching import ImageRequest, PipelineBatching
+from checkpoint_source import CheckpointSource
 from cuda_graphs import GraphedFlow
 from errors import Cancelled, InvalidInput, LoraNotLoaded
 from float8_quantize import match_device
-from images import PARAMETERS, cover_crop, encode_image, load_image, parameters_text, to_tensor
+from images import cover_crop, encode_image, to_tensor
 from kernels.options import KernelOptions
-from legacy import OriginalSurface, coerce_seed
+from legacy import OriginalSurface
 from lora_fusing import LoraFuser, PipelineLoras
 from modules import sampling
 from modules.conditioner import HFEmbedder
@@ -29,9 +29,10 @@ from modules.emphasis import parse_emphasis
 from modules.sampling import StepCallback
 from util import (
     DEFAULTS,
-    LIMITS,
     ModelSpec,
     check_device,
+    checkpoint_source,
+    flow_checkpoint,
     load_autoencoder,
     load_config,
     load_flow_model,
@@ -45,20 +46,7 @@ __all__ = ["FluxPipeline", "Cancelled", "LoraNotLoaded", "compile_flow_model", "
 WARM_UP_SIZES = ((1024, 1024), (768, 768))
 
 
-def _without_autograd(method):
-    """`torch.inference_mode` around a pipeline method, or `no_grad` where quanto's 4-bit flow weights need it (they
-    unpack with an in-place op that inference tensors refuse)."""
-
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        quanto_4bit = self.config.flow_quantization_dtype == "qint4"
-        with torch.no_grad() if quanto_4bit else torch.inference_mode():
-            return method(self, *args, **kwargs)
-
-    return run
-
-
-class FluxPipeline(PipelineLoras, OriginalSurface):
+class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
     """The whole model and its generation. The original project's names work too (`legacy.OriginalSurface`)."""
 
     def __init__(
@@ -69,6 +57,7 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         clip: HFEmbedder,
         t5: HFEmbedder,
         pin_lora_backups: bool = True,
+        lora_source: CheckpointSource | None = None,
     ):
         self.config = config
         self.model = model
@@ -80,7 +69,8 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         self.text_enc_device = torch.device(config.text_enc_device)
         # one generation (or model change) at a time: they share the modules and the device memory
         self.lock = threading.RLock()
-        self.loras = LoraFuser(model, pin_backups=pin_lora_backups)
+        # LoRA unloads restore from the checkpoint file where it was given (`lora_fusing`), else from host copies
+        self.loras = LoraFuser(model, pin_backups=pin_lora_backups, source=lora_source)
         # fusing a LoRA copies into the same weight tensors, so graphs stay valid; offloading moves them
         graphs = config.cuda_graphs and self.flux_device.type == "cuda" and not config.offload_flow
         self.step_model = GraphedFlow(model) if graphs else model
@@ -95,6 +85,8 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES,
         options: KernelOptions = KernelOptions(),
         pin_lora_backups: bool = True,
+        warm_up_batch: int = 1,
+        use_compile_cache: bool = True,
         **overrides: Any,
     ) -> "FluxPipeline":
         """`load_pipeline_from_config` of a JSON config file; `overrides` are config keys, `flow_model_path` the
@@ -103,8 +95,9 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
             overrides["ckpt_path"] = flow_model_path
         config = load_config(path, **overrides)
         return cls.load_pipeline_from_config(
-            config, warm_up_sizes=warm_up_sizes, options=options, pin_lora_backups=pin_lora_backups
-        )
+            config, warm_up_sizes=warm_up_sizes, options=options, pin_lora_backups=pin_lora_backups,
+            warm_up_batch=warm_up_batch, use_compile_cache=use_compile_cache,
+        )  # fmt: skip
 
     @classmethod
     def load_pipeline_from_config(
@@ -115,12 +108,18 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         warm_up_sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES,
         options: KernelOptions = KernelOptions(),
         pin_lora_backups: bool = True,
+        warm_up_batch: int = 1,
+        use_compile_cache: bool = True,
     ) -> "FluxPipeline":
-        """Load every component; with compile on, compile and warm up at `warm_up_sizes` (see `compile`).
+        """Load every component; with compile on, load the compile cache (`compile_cache.py`) if there is one,
+        compile and warm up at `warm_up_sizes`, and for batches up to `warm_up_batch` (see `compile`).
         `options`: which kernels the flow model and the autoencoder run; `pin_lora_backups`: see `LoraFuser`."""
         if isinstance(config, dict):
             config = spec_from_dict(config)
         start = time.perf_counter()
+        compiled = config.compile_blocks or config.compile_extras
+        if compiled and use_compile_cache:  # before anything compiles: what it holds is found instead of compiled
+            compile_cache.load(config.compile_cache or compile_cache.default_path(flow_checkpoint(config)))
         # offloaded components load on the CPU and visit their device only while they run
         cpu = {
             "text_enc_device": config.offload_text_encoder,
@@ -143,16 +142,18 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
             f"{flow_s:.1f} s ({config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on "
             f"{config.flux_device}), autoencoder {total_s - text_s - flow_s:.1f} s"
         )
-        pipeline = cls(config, model, ae, clip, t5, pin_lora_backups)
-        if config.compile_blocks or config.compile_extras:
-            pipeline.compile(warm_up_sizes)
+        pipeline = cls(config, model, ae, clip, t5, pin_lora_backups, checkpoint_source(load_config, model))
+        if compiled:
+            pipeline.compile(warm_up_sizes, warm_up_batch)
         return pipeline
 
-    def compile(self, sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES) -> None:
+    def compile(self, sizes: tuple[tuple[int, int], ...] = WARM_UP_SIZES, batch: int = 1) -> None:
         """Compile the flow model and warm it up: one step at the first size, two at the second, and so on. At
         two sizes the second compiles the dynamic-shape graph that later sizes reuse, so no request pays compile
         time; the step counts matter because the modulation table of a loop holds one row per step, and one row
-        compiles apart from several (size-1 specialization). A one-image run warms up at its own size twice."""
+        compiles apart from several (size-1 specialization). A one-image run warms up at its own size twice.
+        `batch` > 1: a batch of two at the last size as well, which makes the batch dimension dynamic, so batches
+        of any size up to it reuse the graph."""
         start = time.perf_counter()
         torch._logging.set_logs(recompiles=True)  # a recompile after warm-up shows in the log
         compile_flow_model(self.model, self.config.compile_blocks, self.config.compile_extras)
@@ -160,6 +161,9 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
             self.step_model.reset()  # graphs captured before would replay the uncompiled kernels
         for steps, (width, height) in enumerate(sizes, start=1):
             self.generate_images("warm-up", width, height, num_steps=steps, seed=0)
+        if batch > 1 and sizes:
+            width, height = sizes[-1]
+            self.generate_batch([ImageRequest("warm-up", seed=0), ImageRequest("warm-up", seed=1)], width, height, 2)
         logger.info(f"compiled and warmed up the flow model in {time.perf_counter() - start:.1f} s")
 
     @contextmanager
@@ -182,18 +186,6 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         return DEFAULTS.schnell_steps if self.config.version == "flux-schnell" else DEFAULTS.num_steps
 
     # ---- inputs -------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _size(width: int, height: int) -> tuple[int, int]:
-        for name, value in (("width", width), ("height", height)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InvalidInput(f"{name} must be an integer, got {value!r}")
-            if value < 16:
-                raise InvalidInput(f"{name} must be at least 16, got {value}")
-        floored = 16 * (width // 16), 16 * (height // 16)
-        if floored != (width, height):
-            logger.warning(f"size {width}x{height} is not a multiple of 16: using {floored[0]}x{floored[1]}")
-        return floored
 
     def encode_prompt(self, prompt: str, num_images: int, emphasis: bool | None = None) -> tuple[Tensor, Tensor]:
         """T5 tokens (B, L, context) and the CLIP vector (B, vec), on the flow device in the flow dtype. `emphasis`:
@@ -225,7 +217,6 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
 
     # ---- generation ---------------------------------------------------------------------------------------
 
-    @_without_autograd
     def generate_images(
         self,
         prompt: str,
@@ -247,68 +238,13 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         flux-schnell ignores `guidance`). `callback(step, total)` runs after every step; setting `cancel` stops
         between steps with `Cancelled`. With `init_image`, img2img: the image is encoded and noised to the
         timestep `strength` selects (1.0: pure noise, 0.0: no change). `prompt_emphasis`: see `encode_prompt`.
-        `on_latents(step, latents)`: the packed latents after each step (for previews)."""
-        num_steps = self.default_steps if num_steps is None else num_steps
-        if not isinstance(prompt, str):
-            raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
-        width, height = self._size(width, height)
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise InvalidInput(f"num_steps must be a positive integer, got {num_steps!r}")
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise InvalidInput(f"num_images must be a positive integer, got {num_images!r}")
-        if not math.isfinite(guidance):
-            raise InvalidInput(f"guidance must be finite, got {guidance!r}")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise InvalidInput(f"strength must be in [0, 1], got {strength!r}")
-        init = None if init_image is None else load_image(init_image, allow_path=allow_image_path)
-        seed = coerce_seed(seed)  # "123", -5 and 3.0 work, as in the original
-        if seed is None:
-            seed = random.SystemRandom().randint(0, LIMITS.max_seed)
-
-        with self.lock:
-            start = time.perf_counter()
-            txt, vec = self.encode_prompt(prompt, num_images, prompt_emphasis)
-            _finish(txt)  # the phases' times in the log are the GPU's, not only the launches'
-            t_text = time.perf_counter()
-            # one seed per image (seed, seed + 1, ...): each image is regenerated alone from its own seed
-            seeds = [(seed + i) % (LIMITS.max_seed + 1) for i in range(num_images)]
-            noise = torch.cat([sampling.get_noise(1, height, width, s) for s in seeds])
-            img = sampling.pack(noise).to(self.flux_device)
-            img_ids = sampling.img_ids(num_images, height, width).to(self.flux_device)
-            txt_ids = sampling.txt_ids(num_images, txt.shape[1]).to(self.flux_device)
-            timesteps = sampling.get_schedule(num_steps, img.shape[1], shift=self.config.version == "flux-dev")
-            if init is not None and strength < 1:
-                # BFL img2img: skip the first steps and start from the noised encoding of the image
-                timesteps = timesteps[int((1 - strength) * num_steps) :]
-                with self._on(self.ae, self.ae_device, self.config.offload_vae):
-                    x0 = sampling.pack(self.encode_image(init, width, height)).to(self.flux_device)
-                img = timesteps[0] * img + (1 - timesteps[0]) * x0.expand_as(img)
-            with self._on(self.model, self.flux_device, self.config.offload_flow):
-                img = sampling.denoise(
-                    self.step_model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, callback,
-                    None if cancel is None else functools.partial(_stop_if_set, cancel), on_latents,
-                )  # fmt: skip
-            _finish(img)
-            t_denoise = time.perf_counter()
-            with self._on(self.ae, self.ae_device, self.config.offload_vae):
-                images = self.decode(img, height, width)
-            logger.info(
-                f"generated {num_images}x {width}x{height}, {num_steps} steps, seed {seed}: text "
-                f"{t_text - start:.2f} s, denoise {t_denoise - t_text:.2f} s, "
-                f"decode {time.perf_counter() - t_denoise:.2f} s"
-            )
-        settings = {
-            "Steps": num_steps, "Sampler": "Euler", "Guidance": guidance, "Size": f"{width}x{height}",
-            "Model": self.config.version, "Software": "flux-fp8-api", "AI generated": "yes",
-        }  # fmt: skip
-        if init is not None:
-            settings["Denoising strength"] = strength
-        if self.loras.loaded:
-            settings["LoRAs"] = '"' + ", ".join(f"{n}:{lora.scale:g}" for n, lora in self.loras.loaded.items()) + '"'
-        for image, image_seed in zip(images, seeds, strict=True):
-            image.info[PARAMETERS] = parameters_text(prompt, {**settings, "Seed": image_seed})
-            image.info["seed"] = image_seed
-        return images, seed
+        `on_latents(step, latents)`: the packed latents after each step (for previews). Several requests of one
+        size run together with `generate_batch`."""
+        request = ImageRequest(prompt, guidance, seed, num_images, prompt_emphasis, callback, cancel, on_latents)
+        (outcome,) = self.generate_batch(
+            [request], width, height, num_steps, init_image, strength, allow_image_path
+        )  # a batch of one raises what stopped it
+        return outcome
 
     def encode_image(self, image: Image.Image, width: int, height: int) -> Tensor:
         """(1, 16, H/8, W/8) float32 latent of the image, cover-resized and centre-cropped to width x height."""
@@ -371,17 +307,6 @@ class FluxPipeline(PipelineLoras, OriginalSurface):
         jpegs = [io.BytesIO(encode_image(image, "jpeg", jpeg_quality)) for image in images]
         result = jpegs[0] if num_images == 1 else jpegs
         return (result, seed) if return_seed else result
-
-
-def _stop_if_set(cancel: threading.Event, step: int, total: int) -> None:
-    if cancel.is_set():
-        raise Cancelled(f"cancelled before step {step} of {total}")
-
-
-def _finish(x: Tensor) -> None:
-    """Wait for the work queued on `x`'s GPU (nothing on the CPU)."""
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
 
 
 def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool = True) -> torch.nn.Module:

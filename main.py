@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 64
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 QUANT_CHOICES = {
     "qfloat8": "qfloat8",
+    "quanto_qfloat8": "quanto_qfloat8",
     "qint2": "qint2",
     "qint4": "qint4",
     "qint8": "qint8",
@@ -90,6 +91,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="generation requests waiting at most",
     )
     p.add_argument(
+        "--max-batch",
+        type=ranged(1, 64),
+        default=ServerSettings.max_batch,
+        help="images of waiting requests (same size, steps and LoRAs) run as one batch at most; 1: no batching",
+    )
+    p.add_argument(
+        "--batch-max-pixels",
+        type=ranged(0, 16384 * 16384),
+        default=ServerSettings.batch_max_pixels,
+        help="only requests of at most this many pixels (width x height) are batched",
+    )
+    p.add_argument(
         "--max-connections",
         type=ranged(1, 100_000),
         default=MAX_CONNECTIONS,
@@ -109,6 +122,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cache-dir",
         default=os.environ.get("FLUX_CACHE_DIR"),
         help="keep every start-up cache here (compiled graphs, Triton kernels, built extensions, Python bytecode)",
+    )
+    p.add_argument(
+        "--write-compile-cache",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="compile and warm up as a server would, write the compile-cache artifact (default: next to the flow "
+        "checkpoint, which later starts load), and exit",
     )
     one = p.add_argument_group("one image instead of a server")
     one.add_argument("--prompt", help="generate this prompt, write --output, and exit")
@@ -174,24 +195,42 @@ def use_cache_dir(path: str) -> None:
 def build_pipeline(args: argparse.Namespace):
     start = time.perf_counter()
     from flux_pipeline import WARM_UP_SIZES, FluxPipeline  # after use_cache_dir: see the note at the top
-    from util import DEFAULT_CONFIGS
+    from util import DEFAULT_CONFIGS, load_config
 
     logger.info(f"imported the pipeline's code in {time.perf_counter() - start:.1f} s")
     overrides = config_overrides(args)
-    # one image: warm up at its own size only (one step, then two), not at the sizes a server sees; compile
-    # happens at load, never in a request, the image included
-    sizes = WARM_UP_SIZES if args.prompt is None else ((args.width, args.height),) * 2
     if args.config_path:
-        return FluxPipeline.load_pipeline_from_config_path(args.config_path, warm_up_sizes=sizes, **overrides)
-    missing = [
-        flag
-        for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
-        if key not in overrides
-    ]
-    if missing:
-        raise SystemExit(f"error: without --config-path, give {' and '.join(missing)}")
-    base = DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]
-    return FluxPipeline.load_pipeline_from_config_path(str(base), warm_up_sizes=sizes, **flags_only(overrides))
+        config = load_config(args.config_path, **overrides)
+    else:
+        missing = [
+            flag
+            for flag, key in (("--flow-model-path", "ckpt_path"), ("--autoencoder-path", "ae_path"))
+            if key not in overrides
+        ]
+        if missing:
+            raise SystemExit(f"error: without --config-path, give {' and '.join(missing)}")
+        config = load_config(str(DEFAULT_CONFIGS[overrides.get("version", "flux-dev")]), **flags_only(overrides))
+    # a server warms up at the sizes requests use, and for the batches it will run; compile happens at load, never
+    # in a request, a one-image run's image included: it warms up at its own size only (one step, then two), or,
+    # when a compile-cache artifact holds the server's sizes, at those (found, not compiled), which its size reuses
+    sizes, batch = WARM_UP_SIZES, args.max_batch
+    if args.prompt is not None:
+        batch = 1
+        if not has_compile_cache(config):
+            sizes = ((args.width, args.height),) * 2
+    load = dict(warm_up_sizes=sizes, warm_up_batch=batch)
+    if args.write_compile_cache is not None:  # compiled afresh: an artifact lists what this process compiled
+        load["use_compile_cache"] = False
+    return FluxPipeline.load_pipeline_from_config(config, **load)
+
+
+def has_compile_cache(config) -> bool:
+    import compile_cache
+    from util import flow_checkpoint
+
+    if not (config.compile_blocks or config.compile_extras):
+        return False
+    return Path(config.compile_cache or compile_cache.default_path(flow_checkpoint(config))).is_file()
 
 
 def flags_only(overrides: dict) -> dict:
@@ -209,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cache_dir:
         use_cache_dir(args.cache_dir)
     listener = None
-    if args.prompt is None:  # mistakes a server would meet only after minutes of loading, found first
+    if args.prompt is None and args.write_compile_cache is None:  # a server's mistakes, found before loading
         if args.lora_dir and not Path(args.lora_dir).is_dir():
             raise SystemExit(f"error: --lora-dir {args.lora_dir} is not a directory")
         if args.ui and importlib.util.find_spec("gradio") is None:
@@ -224,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         pipeline = build_pipeline(args)
     except FluxError as e:
         raise SystemExit(f"error: {e}") from None
+    if args.write_compile_cache is not None:
+        return write_compile_cache(pipeline, args.write_compile_cache)
     if args.prompt is not None:
         jpeg, seed = pipeline.generate(
             args.prompt, args.width, args.height, args.num_steps, args.guidance, args.seed, return_seed=True
@@ -232,6 +273,16 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(f"wrote {args.output} (seed {seed})")
         return
     serve(pipeline, args, listener)
+
+
+def write_compile_cache(pipeline, path: str) -> None:
+    import compile_cache
+    from util import flow_checkpoint
+
+    if not (pipeline.config.compile_blocks or pipeline.config.compile_extras):
+        raise SystemExit("error: --write-compile-cache needs a config that compiles (compile_blocks, or --compile)")
+    pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # what a server's start runs too
+    compile_cache.save(path or compile_cache.default_path(flow_checkpoint(pipeline.config)))
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -265,6 +316,7 @@ def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
     settings = ServerSettings(
         args.max_queue_size, args.api_key, args.lora_dir, args.public_docs, args.ui, args.ui_at_root,
         metadata=not args.no_metadata, public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin),
+        max_batch=args.max_batch, batch_max_pixels=args.batch_max_pixels,
     )  # fmt: skip
     app = create_app(pipeline, settings)
     config = uvicorn.Config(

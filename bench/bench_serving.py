@@ -12,6 +12,11 @@
    then a server (`main.py -c ...`) with those caches, from process start to ready (/health) and to its
    first 1024x1024 28-step image, and the same server restarted (the first compiled the warm-up sizes the
    one-image runs never saw). Each with the times its log lines were written.
+   With `--startup-runs`, a chosen list instead (`write-artifact`, `cold-artifact`, `server-warm`, `cold`,
+   `cold-quanto`): writing the compile-cache artifact (`main.py --write-compile-cache`) or taking one given with
+   `--compile-cache`, a one-image run with an empty `--cache-dir` and the artifact next to the checkpoint, a
+   server started with the cache that run left, and the same one-image run without the artifact (with our fp8 T5,
+   and with optimum-quanto's, whose CUDA extension builds at a cold start).
 3. Replicas: `replicas.py` with one, then two GPUs; a bounded load test from 127.0.0.1 (`--per-replica`
    clients per replica, each sending 1024x1024 28-step requests to the replica with the fewest requests in
    flight, as nginx `least_conn` does) for `--seconds`; images per minute.
@@ -283,9 +288,14 @@ def main() -> None:
     ap.add_argument("--replica-overrides", default="{}", help="JSON config keys for the replicas (e.g. compile off)")
     ap.add_argument("--nginx", help="an nginx binary: the load goes through deploy/nginx.conf in front of the replicas")
     ap.add_argument("--replica-counts", help="which replica counts to run, e.g. '1' or '1,2' (default 1..gpus)")
+    ap.add_argument("--startup-runs", help="comma list of: write-artifact, cold-artifact, server-warm, cold, "
+                    "cold-quanto (see the module's doc); replaces the default start-up runs")  # fmt: skip
+    ap.add_argument("--compile-cache", help="a compile-cache artifact to use (else write-artifact writes one)")
     ap.add_argument("--out")
     ap.add_argument("--results", default=str(report.RESULTS), help="append the tables here ('' for nowhere)")
     args = ap.parse_args()
+    if args.startup_runs == "":
+        args.skip_startup = True
     work = Path(args.workdir)
     config = write_files(work)
     result = {"request": REQUEST}
@@ -296,7 +306,9 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result), flush=True)
 
-    if not args.skip_startup:
+    if args.startup_runs:
+        startup_runs(args, config, work, result, save)
+    elif not args.skip_startup:
         result["startup_cold_cache"] = startup(config, cache, work / "startup-cold.log")
         save()
         result["startup_warm_cache"] = startup(config, cache, work / "startup-warm.log")
@@ -317,7 +329,10 @@ def main() -> None:
         replica_config = work / "config-replicas.json"
         replica_config.write_text(json.dumps(dict(json.loads(config.read_text()), **overrides), indent=2))
         config = replica_config
-    counts = [int(n) for n in args.replica_counts.split(",")] if args.replica_counts else range(1, args.gpus + 1)
+    if args.replica_counts is None:
+        counts = range(1, args.gpus + 1)
+    else:  # "" runs none
+        counts = [int(n) for n in args.replica_counts.split(",") if n]
     for n in counts:
         devices = [f"cuda:{i}" for i in range(n)]
         log = work / f"replicas-{n}.log"
@@ -335,7 +350,50 @@ def main() -> None:
     report.append(args.results, title, "cuda", tables)
 
 
+def startup_runs(args, config: Path, work: Path, result: dict, save) -> None:
+    """The start-up runs around the compile-cache artifact (`--startup-runs`)."""
+    import shutil
+
+    import compile_cache
+
+    runs = args.startup_runs.split(",")
+    checkpoint = json.loads(config.read_text())["ckpt_path"]
+    beside = compile_cache.default_path(checkpoint)
+    artifact = Path(args.compile_cache) if args.compile_cache else work / "artifact.compile-cache"
+    stamp = int(time.time())
+    if "write-artifact" in runs:
+        cmd = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--cache-dir", str(work / f"cache-w{stamp}"),
+               "--write-compile-cache", str(artifact)]  # fmt: skip
+        result["write_artifact"] = run_logged(cmd, dict(os.environ), work / "write-artifact.log", timeout=500)
+        result["write_artifact"]["artifact_mib"] = round(artifact.stat().st_size / 2**20, 1) if artifact.exists() else 0
+        save()
+    cache = work / f"cache-a{stamp}"  # empty: only the artifact can spare the compile
+    if "cold-artifact" in runs:
+        shutil.copy(artifact, beside)
+        result["startup_cold_artifact"] = startup(config, cache, work / "startup-cold-artifact.log")
+        save()
+    if "server-warm" in runs:
+        shutil.copy(artifact, beside)
+        result["server_warm_artifact"] = server_startup(config, cache, work / "server-warm-artifact.log")
+        save()
+    beside.unlink(missing_ok=True)
+    if "cold" in runs:
+        result["startup_cold_no_artifact"] = startup(config, work / f"cache-c{stamp}", work / "startup-cold.log")
+        save()
+    if "cold-quanto" in runs:
+        quanto = work / "config-quanto.json"
+        cfg = dict(json.loads(config.read_text()), text_enc_quantization_dtype="quanto_qfloat8")
+        quanto.write_text(json.dumps(cfg))
+        result["startup_cold_quanto"] = startup(quanto, work / f"cache-q{stamp}", work / "startup-cold-quanto.log")
+        save()
+
+
 STARTUPS = {
+    "write_artifact": "`--write-compile-cache` (empty `--cache-dir`): compile, warm up, write",
+    "startup_cold_artifact": "one image, empty `--cache-dir`, the artifact beside the checkpoint",
+    "server_warm_artifact": "server, the `--cache-dir` that run left, the artifact beside: ready / first response",
+    "startup_cold_no_artifact": "one image, empty `--cache-dir`, no artifact (our fp8 T5)",
+    "startup_cold_quanto": "one image, empty `--cache-dir`, no artifact, optimum-quanto's qfloat8 T5",
     "startup_cold_cache": "one image, empty `--cache-dir`",
     "startup_warm_cache": "one image, warm `--cache-dir`",
     "startup_warm_compile_cache_only": "one image, the compile caches through the environment, no bytecode cache",

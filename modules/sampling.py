@@ -71,14 +71,15 @@ def denoise(
     txt_ids: Tensor,
     vec: Tensor,
     timesteps: list[float],
-    guidance: float = 4.0,
+    guidance: float | Tensor = 4.0,
     callback: StepCallback | None = None,
     before_step: StepCallback | None = None,
     on_latents: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Euler integration of the flow from timesteps[0] to timesteps[-1].
 
-    `img` stays float32 between steps (the model sees it in its own dtype) so rounding does not accumulate.
+    `guidance`: one value, or one per row. `img` stays float32 between steps (the model sees it in its own
+    dtype) so rounding does not accumulate.
     `callback(step, total)` runs after every step, `before_step(step, total)` before it (the step about to run,
     counted from 1): either may raise to stop the loop between steps. `on_latents(step, img)` sees the packed
     latents after each step (previews).
@@ -86,7 +87,10 @@ def denoise(
     computed up front, once per image.
     """
     batch = img.shape[0]
-    guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=torch.float32)
+    if isinstance(guidance, Tensor):  # one value per row (a batch of requests)
+        guidance_vec = guidance.to(img.device, torch.float32).expand(batch)
+    else:
+        guidance_vec = torch.full((batch,), guidance, device=img.device, dtype=torch.float32)
     total = len(timesteps) - 1
     table = None
     if hasattr(model, "modulation_table") and total:

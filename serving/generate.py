@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from loguru import logger
 
+from batching import ImageRequest
 from images import FORMATS, encode_image
 from serving.http_errors import RESPONSES
 from serving.jobs import run_job
@@ -25,31 +26,63 @@ def generation(
     body: GenerateRequest,
     progress: Callable[[int, int], None] | None = None,
     on_latents: Callable[[int, Any], None] | None = None,
-):
-    """The worker's job for a generation request: the request's LoRAs in place (or the server's own set), then the
-    images, with the step times and totals in the metrics. Returns `run(cancel) -> (images, seed)`."""
-    pipeline, metrics = app.state.pipeline, app.state.metrics
-    wanted = resolve_request_loras(app, body.loras)
+) -> "GenerationJob":
+    """The worker's job for a generation request (see `GenerationJob`)."""
+    return GenerationJob(app, body, progress, on_latents)
 
-    def run(cancel: threading.Event):
-        metrics.lora_swaps.inc(use_loras(app, wanted))
-        step_timer = metrics.step_timer()
+
+class GenerationJob:
+    """A generation request on the worker: the request's LoRAs in place (or the server's own set), then the images,
+    with the step times and totals in the metrics. Called with a cancel event it runs alone and returns (images,
+    seed); `batch_key` tells the worker which waiting requests may run in one batch with it (`run_batch`): same
+    size, steps and LoRA set, no input image, and a size the server batches (`ServerSettings.batch_max_pixels`)."""
+
+    def __init__(self, app, body: GenerateRequest, progress=None, on_latents=None):
+        self.app, self.body, self.progress, self.on_latents = app, body, progress, on_latents
+        self.wanted = resolve_request_loras(app, body.loras)
+        settings = app.state.settings
+        steps = body.num_steps or app.state.pipeline.default_steps
+        batchable = body._image is None and body.width * body.height <= settings.batch_max_pixels
+        loras = None if self.wanted is None else tuple(sorted(self.wanted.items()))
+        self.batch_key = (body.width, body.height, steps, loras) if batchable else None
+        self.rows = body.num_images
+
+    def request(self, cancel: threading.Event) -> ImageRequest:
+        step_timer = self.app.state.metrics.step_timer()
 
         def callback(step: int, total: int) -> None:
             step_timer(step, total)
-            if progress is not None:
-                progress(step, total)
+            if self.progress is not None:
+                self.progress(step, total)
 
-        start = time.perf_counter()
-        images, seed = pipeline.generate_images(
-            body.prompt, body.width, body.height, body.num_steps, body.guidance, body.seed, body.num_images,
-            callback=callback, cancel=cancel, init_image=body._image, strength=body.strength,
-            allow_image_path=False, prompt_emphasis=body.prompt_emphasis, on_latents=on_latents,
+        body = self.body
+        return ImageRequest(
+            body.prompt, body.guidance, body.seed, body.num_images, body.prompt_emphasis, callback, cancel,
+            self.on_latents,
         )  # fmt: skip
-        metrics.generation(body.width, body.height, time.perf_counter() - start, len(images))
-        return images, seed
 
-    return run
+    def __call__(self, cancel: threading.Event):
+        (outcome,) = self.run_batch([self], [cancel])  # alone, what stops it is raised
+        return outcome
+
+    @staticmethod
+    def run_batch(jobs: "list[GenerationJob]", cancels: list[threading.Event], settle=None) -> list:
+        """Run `jobs` (one `batch_key`) as one batch; per job its (images, seed) or its exception; `settle(index,
+        outcome)` hears of each as soon as it is known."""
+        first = jobs[0]
+        app, body = first.app, first.body
+        pipeline, metrics = app.state.pipeline, app.state.metrics
+        metrics.lora_swaps.inc(use_loras(app, first.wanted))
+        start = time.perf_counter()
+        outcomes = pipeline.generate_batch(
+            [job.request(cancel) for job, cancel in zip(jobs, cancels, strict=True)], body.width, body.height,
+            body.num_steps, init_image=body._image, strength=body.strength, allow_image_path=False, on_outcome=settle,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        for outcome in outcomes:
+            if not isinstance(outcome, BaseException):
+                metrics.generation(body.width, body.height, seconds, len(outcome[0]))
+        return outcomes
 
 
 @router.post(

@@ -1,5 +1,5 @@
 """Prometheus metrics at /metrics (prometheus-client), one registry per app: requests by route and status, the
-queue, time in queue, step and end-to-end times, images, LoRA swaps, GPU memory, errors by type. Route labels
+queue, time in queue, step and end-to-end times, images, batches, LoRA swaps, GPU memory, errors by type. Route labels
 are the app's route templates (an unknown path counts as "unmatched"), so no client can grow the label set."""
 
 import time
@@ -28,6 +28,8 @@ class Metrics:
         )
         self.images = Counter("flux_images", "images generated", registry=r)
         self.lora_swaps = Counter("flux_lora_swaps", "LoRA loads and unloads done by the worker", registry=r)
+        self.batches = Counter("flux_batches", "batches of more than one request run", registry=r)
+        self.batched_requests = Counter("flux_batched_requests", "requests run in a batch with others", registry=r)
         Gauge("flux_queue_depth", "jobs waiting", registry=r).set_function(worker.jobs.qsize)
         Gauge("flux_jobs_running", "jobs running", registry=r).set_function(lambda: worker.running)
         memory = Gauge("flux_gpu_memory_bytes", "GPU memory held by tensors", ["kind"], registry=r)
@@ -39,6 +41,10 @@ class Metrics:
         label = next((str(m) for m in MEGAPIXELS if mp <= m * 1.05), "more")
         self.generation_seconds.labels(label).observe(seconds)
         self.images.inc(images)
+
+    def batch(self, requests: int) -> None:
+        self.batches.inc()
+        self.batched_requests.inc(requests)
 
     def step_timer(self):
         """A step callback that observes the time between steps (the first from when it was made)."""

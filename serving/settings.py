@@ -14,3 +14,5 @@ class ServerSettings:
     metadata: bool = True  # generation parameters written into the image files
     public_metrics: bool = False  # /metrics open even with an API key
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
+    max_batch: int = 4  # images of waiting requests run as one batch at most (1: no batching)
+    batch_max_pixels: int = 768 * 768  # only sizes up to this batch (larger ones fill the GPU alone)

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import main_gr
 from float8_quantize import F8Linear
 from flux_pipeline import WARM_UP_SIZES, FluxPipeline
 from main import build_pipeline, config_overrides, parse_args, use_cache_dir
+from serving.settings import ServerSettings
 from tests.helpers import ROOT, TINY_CONFIG
 
 
@@ -56,21 +58,31 @@ def test_flags_map_to_config_keys():
     assert config_overrides(defaults) == {} and defaults.host == "127.0.0.1" and defaults.port == 8088
 
 
-def test_one_image_mode_warms_up_at_its_own_size_only(monkeypatch):
+def test_one_image_mode_warms_up_at_its_own_size_only(monkeypatch, tmp_path, tiny_cfg):
 
     warmed = []  # the sizes each load compiles and warms up at (the warm-up itself is a GPU test)
-    monkeypatch.setattr(FluxPipeline, "compile", lambda self, sizes=WARM_UP_SIZES: warmed.append(sizes))
+    monkeypatch.setattr(
+        FluxPipeline, "compile", lambda self, sizes=WARM_UP_SIZES, batch=1: warmed.append((sizes, batch))
+    )
     build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-C", "--prompt", "a fox", "--width", "512", "--height", "384"]))
     build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-C"]))  # a server warms up at the sizes requests use
-    assert warmed == [((512, 384), (512, 384)), WARM_UP_SIZES]
+    assert warmed == [(((512, 384), (512, 384)), 1), (WARM_UP_SIZES, ServerSettings.max_batch)]
+    # with a compile-cache artifact beside the checkpoint, at the server's sizes it holds (its own size reuses them)
+    ckpt = tmp_path / "flux.safetensors"
+    shutil.copy(tiny_cfg["ckpt_path"], ckpt)
+    (tmp_path / "flux.safetensors.compile-cache").write_bytes(b"stands for an artifact")
+    warmed.clear()
+    args = ["-c", str(TINY_CONFIG), "-C", "-f", str(ckpt), "--prompt", "a fox", "--width", "512", "--height", "384"]
+    build_pipeline(parse_args(args))
+    assert warmed == [(WARM_UP_SIZES, 1)]
 
 
 def test_flags_override_the_config_file():
-    from optimum.quanto import QLinear
+    from encoder_quantize import F8EncoderLinear
 
     pipe = build_pipeline(parse_args(["-c", str(TINY_CONFIG), "-qT", "qfloat8", "-nqfm", "-qfl"]))
     assert pipe.config.text_enc_quantization_dtype == "qfloat8"
-    assert any(isinstance(m, QLinear) for m in pipe.t5.modules())  # --quant-text-enc qfloat8 really quantizes
+    assert any(isinstance(m, F8EncoderLinear) for m in pipe.t5.modules())  # --quant-text-enc qfloat8 quantizes
     assert not isinstance(pipe.model.double_blocks[0].img_mod.lin, F8Linear)
     assert isinstance(pipe.model.img_in, F8Linear)
 

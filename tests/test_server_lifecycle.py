@@ -81,16 +81,18 @@ def test_start_up_mistakes_are_one_line_before_loading(tmp_path):
 class _FailingOnce:
     """A pipeline whose first generation runs out of GPU memory (as a real CUDA OOM would surface)."""
 
+    default_steps = 4
+
     def __init__(self):
         self.calls = 0
 
-    def generate_images(self, prompt, width, height, *args, **kwargs):
+    def generate_batch(self, requests, width, height, *args, **kwargs):
         self.calls += 1
         if self.calls == 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         if self.calls == 2:
             raise RuntimeError("something internal at /secret/path/model.py")
-        return [Image.new("RGB", (width, height))], 5
+        return [([Image.new("RGB", (width, height))], 5) for _ in requests]
 
     def list_loras(self):
         return []

@@ -155,7 +155,7 @@ def test_logs_are_json_with_the_request_id_on_every_line_of_its_work(logged_serv
     lines = [json.loads(line) for line in s.log_path.read_text().splitlines() if line.strip()]  # all JSON
     mine = [line["record"] for line in lines if line["record"]["extra"].get("request_id") == "trace-me-1"]
     sources = {record["name"] for record in mine}
-    assert "flux_pipeline" in sources and "serving.generate" in sources  # the worker thread's lines too
+    assert "batching" in sources and "serving.generate" in sources  # the worker thread's lines too
     assert any(record["name"].startswith("uvicorn") for record in (line["record"] for line in lines))
     assert not any("Loading weights" in line["text"] for line in lines)  # no progress bars
 

@@ -1,0 +1,116 @@
+"""A portable compile-cache artifact: what compiling and warming up the flow model produced, in one file that a fresh
+machine (same GPU model, same torch and Triton) loads at start instead of compiling.
+
+The file is a zip of torch's own portable cache (`torch.compiler.save_cache_artifacts`: inductor's graphs and the
+kernels they launch, AOT autograd entries, autotune choices) and the Triton cache entries of our own kernels
+(`kernels/`, compiled by Triton's JIT outside inductor, which torch's artifact does not hold). It is written by
+`main.py -c CONFIG --write-compile-cache` next to the flow checkpoint (`<checkpoint>.compile-cache`) and read at
+load when present (config key `compile_cache` names another place).
+"""
+
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+SUFFIX = ".compile-cache"
+TORCH_ENTRY = "torch-cache-artifacts.bin"
+TRITON_PREFIX = "triton/"
+
+
+def default_path(checkpoint: str) -> Path:
+    return Path(str(checkpoint) + SUFFIX)
+
+
+def triton_cache_dir() -> Path | None:
+    """Where Triton keeps its compiled kernels: TRITON_CACHE_DIR (what `--cache-dir` sets), else Triton's own
+    default; None without Triton."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return Path(os.environ["TRITON_CACHE_DIR"])
+    try:
+        import triton
+    except ImportError:
+        return None
+    knobs = getattr(triton, "knobs", None)  # Triton 3.3 and later
+    if knobs is not None and getattr(knobs.cache, "dir", None):
+        return Path(knobs.cache.dir)
+    return Path.home() / ".triton" / "cache"
+
+
+def save(path: str | Path) -> dict:
+    """Write what this process compiled to `path` (atomically); returns what it holds."""
+    path = Path(path)
+    start = time.perf_counter()
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None:
+        raise RuntimeError("nothing was compiled in this process: there is no compile cache to write")
+    blob, info = artifacts
+    triton_dir = triton_cache_dir()
+    triton_files = sorted(p for p in triton_dir.rglob("*") if p.is_file()) if triton_dir and triton_dir.is_dir() else []
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        z.writestr(TORCH_ENTRY, blob)
+        for f in triton_files:
+            z.write(f, TRITON_PREFIX + f.relative_to(triton_dir).as_posix())
+    os.replace(tmp, path)
+    summary = {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "torch_entries": {k: len(v) for k, v in info.artifacts.items()},
+        "triton_files": len(triton_files),
+    }
+    logger.info(
+        f"wrote the compile cache {path} ({summary['bytes'] / 2**20:.1f} MiB: torch {summary['torch_entries']}, "
+        f"{len(triton_files)} Triton files) in {time.perf_counter() - start:.1f} s"
+    )
+    return summary
+
+
+def load(path: str | Path) -> bool:
+    """Load the artifact at `path` into this process's caches (before anything compiles); whether it was there.
+    A damaged file is logged and skipped: the model then compiles as it would without it."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    start = time.perf_counter()
+    try:
+        with zipfile.ZipFile(path) as z:
+            triton_dir = triton_cache_dir()
+            names = [n for n in z.namelist() if n.startswith(TRITON_PREFIX) and not n.endswith("/")]
+            written = 0
+            if triton_dir is not None:
+                for name in names:
+                    target = (triton_dir / name[len(TRITON_PREFIX) :]).resolve()
+                    if not target.is_relative_to(triton_dir.resolve()):  # a crafted name must not escape the cache
+                        raise ValueError(f"entry {name!r} points outside the Triton cache")
+                    if target.exists():
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    part = target.with_name(target.name + ".part")
+                    part.write_bytes(z.read(name))
+                    os.replace(part, target)
+                    written += 1
+            blob = z.read(TORCH_ENTRY)
+        info = torch.compiler.load_cache_artifacts(blob)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, RuntimeError) as e:
+        logger.warning(f"compile cache {path} not used ({type(e).__name__}: {e}): compiling instead")
+        return False
+    if info is None:  # torch logs what was wrong with the bytes and loads nothing
+        logger.warning(f"compile cache {path} not used (torch could not read it): compiling instead")
+        return False
+    entries = {k: len(v) for k, v in info.artifacts.items()}
+    logger.info(
+        f"loaded the compile cache {path} in {time.perf_counter() - start:.1f} s (torch {entries}, "
+        f"{written} of {len(names)} Triton files new)"
+    )
+    return True
+
+
+def read_entries(path: str | Path) -> list[str]:
+    """The names inside an artifact (for checks and tests)."""
+    with zipfile.ZipFile(io.BytesIO(Path(path).read_bytes())) as z:
+        return z.namelist()
