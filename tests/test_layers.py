@@ -13,9 +13,10 @@ LAYERS = {
     "main": 7, "main_gr": 7, "replicas": 7, "ray_serve": 7, "configs": 7,  # entry points and tools
     "api": 6,
     "serving": 5,
-    "flux_pipeline": 4,
+    "flux_pipeline": 4, "batching": 4,
     "lora_loading": 3, "lora_formats": 3, "lora_fusing": 3, "float8_quantize": 3, "util": 3, "encoder_quantize": 3,
     "images": 3, "cuda_graphs": 3, "errors": 3, "model_spec": 3, "legacy": 3, "f8_original": 3, "hub": 3,
+    "checkpoint_source": 3, "compile_cache": 3,
     "modules": 2,
     "kernels": 1,
 }  # fmt: skip
@@ -24,7 +25,7 @@ ENTRY = 7  # what runs under `if __name__ == "__main__":` is a script, at the en
 # seconds that only loading the text encoders needs
 OPTIONAL = ("bitsandbytes", "optimum", "cudnn", "transformers", "gradio")
 # main.py imports the library after `--cache-dir` has pointed torch's caches at their folder
-DEFERRED = {"main": ("flux_pipeline", "util", "api", "serving")}
+DEFERRED = {"main": ("flux_pipeline", "util", "api", "serving", "compile_cache")}
 
 
 def sources() -> dict[str, Path]:
