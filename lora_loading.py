@@ -173,6 +173,22 @@ def _alpha(value, where: str) -> float:
 
 
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# IEEE formats: a value is NaN or infinite exactly when its exponent bits are all ones
+_EXPONENT = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+}
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every value of a floating-point tensor is finite. On the CPU, for bf16/fp16/fp32, from the exponent bits
+    with integer ops: `torch.isfinite` on bf16 took 0.7 s of a whole-model rank-64 LoRA's 0.75 s conversion."""
+    bits = _EXPONENT.get(t.dtype)
+    if t.device.type != "cpu" or bits is None or not t.is_contiguous():
+        return bool(torch.isfinite(t).all())
+    view, mask = bits
+    return not bool((t.view(view) & mask).eq_(mask).any())
 
 
 def _checked_pair(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -183,7 +199,7 @@ def _checked_pair(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tenso
             continue
         if not t.is_floating_point():
             raise LoraError(f"{key}: {part} must hold floating-point values, not {t.dtype}")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise LoraError(f"{key}: {part} holds NaN or infinite values")
     if down.ndim != 2 or up.ndim != 2:
         raise LoraError(f"{key}: lora_A and lora_B must be 2-D matrices, got shapes {tuple(down.shape)} and "
@@ -200,7 +216,7 @@ def _checked_full(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor | None
     """A full-weight delta (`.diff`, with `.diff_b` for the bias), checked like a pair."""
     full, bias = g["full"], g.get("full_bias")
     for part, t in (("diff", full), ("diff_b", bias)):
-        if t is not None and (not t.is_floating_point() or not torch.isfinite(t).all()):
+        if t is not None and (not t.is_floating_point() or not all_finite(t)):
             raise LoraError(f"{key}: {part} must hold finite floating-point values")
     if full.ndim != 2:
         raise LoraError(f"{key}: a .diff delta must be 2-D to apply to a linear layer, got {tuple(full.shape)}")
@@ -213,7 +229,7 @@ def _checked_magnitude(key: str, magnitude: Tensor | None, rows: int, columns: i
     """A DoRA magnitude: finite, positive, one per output row (or one per input column)."""
     if magnitude is None:
         return None
-    if not magnitude.is_floating_point() or not torch.isfinite(magnitude).all():
+    if not magnitude.is_floating_point() or not all_finite(magnitude):
         raise LoraError(f"{key}: the DoRA magnitude must hold finite floating-point values")
     if tuple(magnitude.shape) not in ((rows,), (rows, 1), (1, columns)):
         raise LoraError(

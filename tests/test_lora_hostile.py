@@ -144,3 +144,16 @@ def test_a_failed_rescale_keeps_the_loaded_scale(pipe, tmp_path):
         pipe.load_lora(path, scale=float("nan"), name="g")
     assert_same(before, weights(pipe))
     assert pipe.list_loras() == [{"name": "g", "path": str(path), "scale": 0.5}]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_finiteness_from_the_exponent_bits_matches_isfinite(dtype):
+    from lora_loading import all_finite
+
+    finfo = torch.finfo(dtype)
+    edge = torch.tensor([finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 4, 0.0, -0.0, 1.0], dtype=dtype)
+    assert all_finite(edge) and all_finite(torch.randn(4097).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(4097).to(dtype)
+        t[4000] = bad
+        assert not all_finite(t) and not all_finite(t.reshape(17, 241))
