@@ -197,7 +197,8 @@ class LoraFuser:
                     bias[rows] += b.to(device)
             finite[name] = torch.isfinite(weight).all() & (torch.isfinite(bias).all() if bias is not None else True)
             if isinstance(module, F8Linear):
-                q, s = quantize_weight(weight, module.weight_scaling == "per_channel")
+                # whole (the chunks that keep loading lean would only add kernel launches here): the same values
+                q, s = quantize_weight(weight, module.weight_scaling == "per_channel", chunk=weight.shape[0])
                 module.weight.copy_(q)
                 module.weight_scale.copy_(s)
             else:

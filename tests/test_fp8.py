@@ -218,3 +218,13 @@ def test_quantize_weight_leaves_its_input_alone(dtype):
     q, s = quantize_weight(w, per_channel=True)
     assert torch.equal(w, copy)
     torch.testing.assert_close(f8.dequantize_weight(q, s), w.float(), rtol=0.07, atol=1e-4)  # subnormals
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_quantization_does_not_depend_on_its_chunks(per_channel):
+    """LoRA fusing quantizes whole weights where loading goes 1024 rows at a time: the same bits either way."""
+    w = torch.randn(2500, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 2500)[:, None]
+    ref_q, ref_s = f8.quantize_weight(w, per_channel)
+    for chunk in (1, 7, 1024, 2500, 10_000):
+        q, s = f8.quantize_weight(w, per_channel, chunk=chunk)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
