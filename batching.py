@@ -7,6 +7,7 @@ different height (bench/RESULTS.md measures it).
 """
 
 import functools
+import itertools
 import math
 import random
 import threading
@@ -85,7 +86,7 @@ class _Rows:
         self.requests = requests
         self.on_outcome = on_outcome
         self.outcomes: dict[int, Outcome] = {}
-        starts = [0, *torch.tensor([r.num_images for r in requests]).cumsum(0).tolist()]
+        starts = [0, *itertools.accumulate(r.num_images for r in requests)]
         self.rows = [slice(a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
 
     def active(self) -> list[int]:

@@ -60,9 +60,13 @@ class FluxReplica:
         gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         if gpus and "flux_device" not in overrides:  # Ray shows this actor its one GPU as cuda:0
             overrides.update(flux_device="cuda:0", text_enc_device="cuda:0", ae_device="cuda:0")
-        self.pipeline = FluxPipeline.load_pipeline_from_config_path(config_path, **overrides)
+        server = ServerSettings(**(settings or {}))
+        # warmed up for the batches its worker will run, as main.py's server is
+        self.pipeline = FluxPipeline.load_pipeline_from_config_path(
+            config_path, warm_up_batch=server.max_batch, **overrides
+        )
         self.pipeline.generate_images("warm-up", 256, 256, 1, seed=0)
-        self.app = create_app(self.pipeline, ServerSettings(**(settings or {})))
+        self.app = create_app(self.pipeline, server)
         start(self.app)
         self.name = serve.get_replica_context().replica_tag
         self.registry, self.lora_version = registry(), 0
