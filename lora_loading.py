@@ -183,12 +183,15 @@ _EXPONENT = {
 
 def all_finite(t: Tensor) -> bool:
     """Whether every value of a floating-point tensor is finite. On the CPU, for bf16/fp16/fp32, from the exponent bits
-    with integer ops: `torch.isfinite` on bf16 took 0.7 s of a whole-model rank-64 LoRA's 0.75 s conversion."""
+    with an integer max: `torch.isfinite(...).all()` on bf16 took 0.7 s of a whole-model rank-64 LoRA's 0.75 s
+    conversion on a 2-core machine, this 0.1 s."""
     bits = _EXPONENT.get(t.dtype)
     if t.device.type != "cpu" or bits is None or not t.is_contiguous():
         return bool(torch.isfinite(t).all())
     view, mask = bits
-    return not bool((t.view(view) & mask).eq_(mask).any())
+    if t.numel() == 0:
+        return True
+    return int((t.view(view) & mask).amax()) != mask  # the masked bits are never negative: the largest tells
 
 
 def _checked_pair(key: str, g: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:

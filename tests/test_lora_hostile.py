@@ -152,7 +152,7 @@ def test_finiteness_from_the_exponent_bits_matches_isfinite(dtype):
 
     finfo = torch.finfo(dtype)
     edge = torch.tensor([finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 4, 0.0, -0.0, 1.0], dtype=dtype)
-    assert all_finite(edge) and all_finite(torch.randn(4097).to(dtype))
+    assert all_finite(edge) and all_finite(torch.randn(4097).to(dtype)) and all_finite(torch.empty(0, 8, dtype=dtype))
     for bad in (float("nan"), float("inf"), float("-inf")):
         t = torch.randn(4097).to(dtype)
         t[4000] = bad
