@@ -5,13 +5,17 @@ The file is a zip of torch's own portable cache (`torch.compiler.save_cache_arti
 kernels they launch, AOT autograd entries, autotune choices) and the Triton cache entries of our own kernels
 (`kernels/`, compiled by Triton's JIT outside inductor, which torch's artifact does not hold). It is written by
 `main.py -c CONFIG --write-compile-cache` next to the flow checkpoint (`<checkpoint>.compile-cache`) and read at
-load when present (config key `compile_cache` names another place).
+load when present (config key `compile_cache` names another place, or "off").
+
+An artifact holds compiled code that the process runs: trust one as you trust the installation, and load only
+artifacts you (or your deployment) wrote.
 """
 
 import io
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +26,18 @@ TORCH_ENTRY = "torch-cache-artifacts.bin"
 TRITON_PREFIX = "triton/"
 
 
+OFF = "off"
+
+
 def default_path(checkpoint: str) -> Path:
     return Path(str(checkpoint) + SUFFIX)
+
+
+def artifact_path(configured: str | None, checkpoint: Callable[[], str]) -> Path | None:
+    """The artifact a config names (`compile_cache`): its path, None for "off", else beside the checkpoint."""
+    if configured == OFF:
+        return None
+    return Path(configured) if configured else default_path(checkpoint())
 
 
 def triton_cache_dir() -> Path | None:

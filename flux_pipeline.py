@@ -118,8 +118,9 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
             config = spec_from_dict(config)
         start = time.perf_counter()
         compiled = config.compile_blocks or config.compile_extras
-        if compiled and use_compile_cache:  # before anything compiles: what it holds is found instead of compiled
-            compile_cache.load(config.compile_cache or compile_cache.default_path(flow_checkpoint(config)))
+        artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+        if compiled and use_compile_cache and artifact is not None:  # before anything compiles: found, not compiled
+            compile_cache.load(artifact)
         # offloaded components load on the CPU and visit their device only while they run
         cpu = {
             "text_enc_device": config.offload_text_encoder,

@@ -220,6 +220,8 @@ def build_pipeline(args: argparse.Namespace):
             sizes = ((args.width, args.height),) * 2
     load = dict(warm_up_sizes=sizes, warm_up_batch=batch)
     if args.write_compile_cache is not None:  # compiled afresh: an artifact lists what this process compiled
+        if not (config.compile_blocks or config.compile_extras):
+            raise SystemExit("error: --write-compile-cache needs a config that compiles (compile_blocks, or --compile)")
         load["use_compile_cache"] = False
     return FluxPipeline.load_pipeline_from_config(config, **load)
 
@@ -230,7 +232,8 @@ def has_compile_cache(config) -> bool:
 
     if not (config.compile_blocks or config.compile_extras):
         return False
-    return Path(config.compile_cache or compile_cache.default_path(flow_checkpoint(config))).is_file()
+    artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+    return artifact is not None and artifact.is_file()
 
 
 def flags_only(overrides: dict) -> dict:
@@ -279,10 +282,10 @@ def write_compile_cache(pipeline, path: str) -> None:
     import compile_cache
     from util import flow_checkpoint
 
-    if not (pipeline.config.compile_blocks or pipeline.config.compile_extras):
-        raise SystemExit("error: --write-compile-cache needs a config that compiles (compile_blocks, or --compile)")
+    config = pipeline.config
     pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # what a server's start runs too
-    compile_cache.save(path or compile_cache.default_path(flow_checkpoint(pipeline.config)))
+    default = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+    compile_cache.save(path or default or compile_cache.default_path(flow_checkpoint(config)))
 
 
 def listen(host: str, port: int) -> socket.socket:

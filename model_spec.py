@@ -143,7 +143,8 @@ class ModelSpec(BaseModel):
     compile_blocks: bool = False
     compile_extras: bool = False
     cuda_graphs: bool = True  # replay the flow model's forward as a CUDA graph (CUDA, flow not offloaded)
-    # the compile-cache artifact loaded before compiling (compile_cache.py); None: `<ckpt_path>.compile-cache`
+    # the compile-cache artifact loaded before compiling (compile_cache.py); None: `<ckpt_path>.compile-cache`;
+    # "off": none
     compile_cache: str | None = None
     offload_text_encoder: bool = False
     offload_vae: bool = False

@@ -72,3 +72,10 @@ def test_write_compile_cache_needs_a_compiling_config(tmp_path):
     )  # fmt: skip
     assert out.returncode != 0 and "needs a config that compiles" in out.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_the_config_names_the_artifact_or_turns_it_off():
+    beside = compile_cache.artifact_path(None, lambda: "/data/flux.safetensors")
+    assert str(beside) == "/data/flux.safetensors.compile-cache"
+    assert str(compile_cache.artifact_path("/c/x.zip", lambda: "/unused")) == "/c/x.zip"
+    assert compile_cache.artifact_path("off", lambda: "/unused") is None
