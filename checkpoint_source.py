@@ -25,13 +25,18 @@ DTYPES = {
     "F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
     "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # as `util.read_safetensors` drops them
+CKPT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # a prefix every key shares (ComfyUI's) is dropped
 LEAVES = ("weight", "weight_scale", "bias")
 CHUNK = 16 << 20  # bytes per read
 BUFFERS = 8  # staging buffers (and reads in flight): 128 MiB of host memory in all
 THREADS = 8
 
 Convert = Callable[[str, Tensor], dict[str, Tensor]]
+
+
+def shared_prefix(keys: list[str]) -> str:
+    """The `CKPT_PREFIXES` entry every key starts with, or ""."""
+    return next((p for p in CKPT_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
 
 
 def file_identity(path: str | Path) -> tuple[int, int, int]:
@@ -53,7 +58,7 @@ class CheckpointSource:
             header = json.loads(f.read(size))
         header.pop("__metadata__", None)
         self.data_start = 8 + size
-        prefix = next((p for p in PREFIXES if header and all(k.startswith(p) for k in header)), "")
+        prefix = shared_prefix(list(header))
         self.tensors = {key[len(prefix) :]: meta for key, meta in header.items()}
         self._buffers: list[Tensor] | None = None
         self._events: list = []

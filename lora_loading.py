@@ -183,8 +183,8 @@ _EXPONENT = {
 
 def all_finite(t: Tensor) -> bool:
     """Whether every value of a floating-point tensor is finite. On the CPU, for bf16/fp16/fp32, from the exponent bits
-    with an integer max: `torch.isfinite(...).all()` on bf16 took 0.7 s of a whole-model rank-64 LoRA's 0.75 s
-    conversion on a 2-core machine, this 0.1 s."""
+    with an integer max: `torch.isfinite(...).all()` on bf16 runs unvectorized there and was most of a large LoRA's
+    conversion time (bench/RESULTS.md)."""
     bits = _EXPONENT.get(t.dtype)
     if t.device.type != "cpu" or bits is None or not t.is_contiguous():
         return bool(torch.isfinite(t).all())

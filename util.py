@@ -18,7 +18,7 @@ import encoder_quantize
 import f8_original
 import float8_quantize
 import hub
-from checkpoint_source import CheckpointSource
+from checkpoint_source import CheckpointSource, shared_prefix
 from errors import ConfigError
 from kernels import fp8_attention
 from kernels.options import KernelOptions
@@ -147,9 +147,6 @@ def read_metadata(path: str) -> dict[str, str]:
         return f.metadata() or {}
 
 
-CKPT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-
 def read_safetensors(path: str, device: torch.device, convert: Convert | None = None) -> dict[str, torch.Tensor]:
     """Stream a safetensors file tensor by tensor onto `device`.
 
@@ -160,7 +157,7 @@ def read_safetensors(path: str, device: torch.device, convert: Convert | None = 
     tensors = {}
     with safe_open(path, framework="pt", device=str(device)) as f:
         keys = list(f.keys())
-        prefix = next((p for p in CKPT_PREFIXES if keys and all(k.startswith(p) for k in keys)), "")
+        prefix = shared_prefix(keys)
         for key in keys:
             tensor = f.get_tensor(key)
             name = key[len(prefix) :]
