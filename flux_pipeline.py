@@ -117,10 +117,10 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         if isinstance(config, dict):
             config = spec_from_dict(config)
         start = time.perf_counter()
-        compiled = config.compile_blocks or config.compile_extras
-        artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
-        if compiled and use_compile_cache and artifact is not None:  # before anything compiles: found, not compiled
-            compile_cache.load(artifact)
+        if config.compiles and use_compile_cache:  # before anything compiles: what it holds is found, not compiled
+            artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+            if artifact is not None:
+                compile_cache.load(artifact)
         # offloaded components load on the CPU and visit their device only while they run
         cpu = {
             "text_enc_device": config.offload_text_encoder,
@@ -144,7 +144,7 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
             f"{config.flux_device}), autoencoder {total_s - text_s - flow_s:.1f} s"
         )
         pipeline = cls(config, model, ae, clip, t5, pin_lora_backups, checkpoint_source(load_config, model))
-        if compiled:
+        if config.compiles:
             pipeline.compile(warm_up_sizes, warm_up_batch)
         return pipeline
 

@@ -125,9 +125,8 @@ class LoraFuser:
         from_file = [n for n in new if self.source is not None and self.source.has(n)]
         if from_file:
             self._check_source()
-            same = {name: _bits_equal(_state(modules[name]), _assemble(modules[name], leaves))
-                    for name, leaves in self.source.read(from_file)}  # fmt: skip
-            matched = {n for n, flag in same.items() if flag.item()}
+            matched = {name for name, leaves in self.source.read(from_file)
+                       if _bits_equal(_state(modules[name]), _assemble(modules[name], leaves))}  # fmt: skip
             self.file_backed |= matched
             if len(matched) < len(from_file):
                 logger.warning(
@@ -230,14 +229,14 @@ def _assemble(module: nn.Module, leaves: dict[str, Tensor]) -> tuple[Tensor, ...
     return tuple(tensors)
 
 
-def _bits_equal(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
-    """Whether two tuples of tensors hold the same bits (a 0-d bool on their device, read later)."""
-    device = a[0].device
+def _bits_equal(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
+    """Whether two tuples of tensors hold the same bits."""
     if len(a) != len(b) or any(x.dtype != y.dtype or x.numel() != y.numel() for x, y in zip(a, b, strict=True)):
-        return torch.tensor(False, device=device)
-    flags = [torch.equal(x.reshape(-1).view(torch.uint8), y.to(device).reshape(-1).view(torch.uint8))
-             for x, y in zip(a, b, strict=True)]  # fmt: skip
-    return torch.tensor(all(flags), device=device)
+        return False
+    return all(
+        torch.equal(x.reshape(-1).view(torch.uint8), y.to(x.device).reshape(-1).view(torch.uint8))
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def _host_copy(t: Tensor, pinned: bool) -> Tensor:
@@ -277,8 +276,7 @@ class PipelineLoras:
         lora = lora if lora is not None else lora_path
         if lora is None:
             raise LoraError("load_lora needs a path or a state dict")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
+        _check_scale(scale)
         path = str(lora) if isinstance(lora, (str, Path)) else None
         name = name or (Path(path).stem if path else f"lora_{len(self.loras.loaded)}")
         with self.lock:
@@ -286,10 +284,7 @@ class PipelineLoras:
             if current is not None and path is not None and current.path == path:
                 deltas, ignored = current.deltas, current.ignored
             else:
-                sd, metadata = read_lora(path) if path else (lora, {})
-                ignored = []
-                deltas = convert_lora(sd, self.config.params.hidden_size, metadata, ignored)
-                deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
+                deltas, ignored = self._read_deltas(*(read_lora(path) if path else (lora, {})))
             start = time.perf_counter()
             self.loras.put(LoadedLora(name, path, float(scale), deltas, ignored))
             logger.info(
@@ -301,9 +296,8 @@ class PipelineLoras:
         """Make the fused LoRAs exactly `wanted` ({name: (path, scale)}) in one change: a LoRA whose name and path are
         loaded already keeps its deltas (a new scale only rescales), the others are read; unchanged layers are not
         touched. Returns the loads and unloads it made (0: nothing to do)."""
-        for name, (_path, scale) in wanted.items():
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-                raise LoraError(f"LoRA scale must be a finite number, got {scale!r} for {name!r}")
+        for _path, scale in wanted.values():
+            _check_scale(scale)
         with self.lock:
             current = self.loras.loaded
             new: dict[str, LoadedLora] = {}
@@ -317,10 +311,7 @@ class PipelineLoras:
                 if old is not None and old.path == str(path):
                     deltas, ignored = old.deltas, old.ignored
                 else:
-                    sd, metadata = read_lora(str(path))
-                    ignored = []
-                    deltas = convert_lora(sd, self.config.params.hidden_size, metadata, ignored)
-                    deltas = {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}
+                    deltas, ignored = self._read_deltas(*read_lora(str(path)))
                 new[name] = LoadedLora(name, str(path), float(scale), deltas, ignored)
             if not changes:
                 return 0
@@ -331,6 +322,12 @@ class PipelineLoras:
                 f"{time.perf_counter() - start:.2f} s"
             )
         return changes
+
+    def _read_deltas(self, sd: dict[str, Tensor], metadata: dict[str, str]) -> tuple[LoraDeltas, list[str]]:
+        """A LoRA's checked deltas on the flow model's device, and the keys it does not apply."""
+        ignored: list[str] = []
+        deltas = convert_lora(sd, self.config.params.hidden_size, metadata, ignored)
+        return {k: [_to_device(p, self.flux_device) for p in v] for k, v in deltas.items()}, ignored
 
     def prepare_loras(self) -> None:
         """Settle every linear layer's way back to its pristine weights now, so that no LoRA load pays for it later.
@@ -361,6 +358,11 @@ class PipelineLoras:
 
     def list_loras(self) -> list[dict[str, Any]]:
         return [{"name": n, "path": lora.path, "scale": lora.scale} for n, lora in self.loras.loaded.items()]
+
+
+def _check_scale(scale) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise LoraError(f"LoRA scale must be a finite number, got {scale!r}")
 
 
 def _to_device(part, device: torch.device):

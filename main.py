@@ -220,7 +220,7 @@ def build_pipeline(args: argparse.Namespace):
             sizes = ((args.width, args.height),) * 2
     load = dict(warm_up_sizes=sizes, warm_up_batch=batch)
     if args.write_compile_cache is not None:  # compiled afresh: an artifact lists what this process compiled
-        if not (config.compile_blocks or config.compile_extras):
+        if not config.compiles:
             raise SystemExit("error: --write-compile-cache needs a config that compiles (compile_blocks, or --compile)")
         load["use_compile_cache"] = False
     return FluxPipeline.load_pipeline_from_config(config, **load)
@@ -230,7 +230,7 @@ def has_compile_cache(config) -> bool:
     import compile_cache
     from util import flow_checkpoint
 
-    if not (config.compile_blocks or config.compile_extras):
+    if not config.compiles:
         return False
     artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
     return artifact is not None and artifact.is_file()
@@ -284,8 +284,9 @@ def write_compile_cache(pipeline, path: str) -> None:
 
     config = pipeline.config
     pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # what a server's start runs too
-    default = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
-    compile_cache.save(path or default or compile_cache.default_path(flow_checkpoint(config)))
+    # where this config's starts look for it ("off" in the config: beside the checkpoint all the same)
+    configured = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+    compile_cache.save(path or configured or compile_cache.default_path(flow_checkpoint(config)))
 
 
 def listen(host: str, port: int) -> socket.socket:

@@ -215,6 +215,11 @@ class ModelSpec(BaseModel):
         return TORCH_DTYPES[self.flow_dtype]
 
     @property
+    def compiles(self) -> bool:
+        """Whether loading compiles anything (and warms up)."""
+        return self.compile_blocks or self.compile_extras
+
+    @property
     def flow_fp8(self) -> bool:
         return self.flow_quantization_dtype == "qfloat8"
 

@@ -129,6 +129,4 @@ def use_loras(app, wanted: Wanted | None) -> int:
     differs, so that consecutive jobs wanting the same set pay nothing. Returns the loads and unloads made."""
     pipeline = app.state.pipeline
     wanted = app.state.base_loras if wanted is None else wanted
-    if current_loras(pipeline) == wanted:
-        return 0
-    return pipeline.set_loras(wanted)  # one pass over the touched layers, however many LoRAs change
+    return pipeline.set_loras(wanted)  # one pass over the touched layers, however many LoRAs change; 0 if none

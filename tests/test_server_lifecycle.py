@@ -97,6 +97,9 @@ class _FailingOnce:
     def list_loras(self):
         return []
 
+    def set_loras(self, wanted):
+        return 0  # no LoRAs: nothing to change
+
 
 def test_out_of_memory_is_503_and_the_server_goes_on():
     """...and an unexpected error is a 500 that says its request id, closes its connection, and is logged once."""
