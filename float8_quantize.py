@@ -55,20 +55,26 @@ def fp8_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def quantize_weight(weight: Tensor, per_channel: bool, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """(out, in) weight -> e4m3 weight and float32 scale, (1, out) per channel or () per tensor.
+def quantize_weight(
+    weight: Tensor, per_channel: bool, chunk: int = 1024, consume: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(out, in) weight -> e4m3 weight and float32 scale, (1, out) per channel or () per tensor. A weight with a NaN
+    or an infinity gets a non-finite scale.
 
-    Works `chunk` rows at a time, so quantizing at load needs little more than the weight itself.
+    Works `chunk` rows at a time, so quantizing at load needs little more than the weight itself. `consume`: a
+    float32 `weight` is scaled in place (LoRA fusing's working copy: two passes fewer), with the same result.
     """
     rows = weight.split(chunk)
-    amax = torch.cat([r.abs().amax(dim=1) for r in rows]).float()  # exact in any dtype
+    # max |w| per row, exact in any dtype, NaN and inf carried; one pass, no |w| temporary
+    amax = torch.cat([torch.linalg.vector_norm(r, float("inf"), dim=1) for r in rows]).float()
     if not per_channel:
         amax = amax.max()
     scale = (amax / E4M3_MAX).clamp(min=MIN_SCALE)
     q = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
     for i, r in enumerate(rows):
         s = scale[i * chunk : i * chunk + len(r), None] if per_channel else scale
-        q[i * chunk : i * chunk + len(r)] = r.to(torch.float32, copy=True).div_(s).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        work = r if consume and r.dtype == torch.float32 else r.to(torch.float32, copy=True)
+        q[i * chunk : i * chunk + len(r)] = work.div_(s).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return q, scale[None, :] if per_channel else scale
 
 

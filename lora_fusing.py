@@ -2,8 +2,11 @@
 
 Weights are always `pristine + sum of the loaded LoRAs' deltas`: unloading the last LoRA restores the exact original
 tensors, and a change that fails is undone the same way (the weights and the loaded set are what they were before
-it). The pristine tensors come back from the checkpoint file (`checkpoint_source`), read and converted as loading did
-and checked bit for bit once per layer; a layer the file cannot give back exactly keeps a host copy instead.
+it). Where the pristine tensors come back from, per layer, first that applies:
+- a copy in the flow model's own GPU memory, while the GPU has room to spare (`device_room`): the fastest, and no
+  host memory (a whole-model swap on an H200 is bound by reading and fusing the LoRA, bench/RESULTS.md);
+- the checkpoint file (`checkpoint_source`), read and converted as loading did and checked bit for bit once;
+- a host copy, for a layer the file cannot give back exactly (or with no file).
 """
 
 import math
@@ -20,6 +23,11 @@ from checkpoint_source import CheckpointSource
 from errors import LoraError, LoraNotLoaded
 from float8_quantize import F8Linear, dequantize_weight, quantize_weight
 from lora_loading import LoraDeltas, convert_lora, read_lora
+
+GIB = 2**30
+# what GPU copies of pristine weights leave free for generating (activations, batches, the allocator's slack):
+# the larger of this and a quarter of the card
+DEVICE_RESERVE = 16 * GIB
 
 
 @dataclass
@@ -38,15 +46,18 @@ class LoraFuser:
     The first time a LoRA touches a layer, its way back is settled: with a `source` (the checkpoint file), the
     layer's tensors are read from it and compared with the model's, and if equal the file is where the layer is
     restored from (`file_backed`: no memory held); otherwise (or without a source) the tensors are copied to host
-    memory and kept. Layers that hold their pristine values (not in `dirty`) are read in place: loading onto them
-    reads nothing. `pin_backups`: host copies in pinned memory (faster swaps, slower to take; bench_lora).
+    memory and kept. Before either, while `device_room()` allows, the layer is copied in the GPU memory it lives in
+    (`device_gib`: None sizes that room from the free memory, 0 turns it off, a number caps it). Layers that hold
+    their pristine values (not in `dirty`) are read in place: loading onto them reads nothing. `pin_backups`: host
+    copies in pinned memory (faster swaps, slower to take; bench_lora).
     """
 
     model: nn.Module
     pin_backups: bool = True
     source: CheckpointSource | None = None
+    device_gib: float | None = None
     loaded: dict[str, LoadedLora] = field(default_factory=dict)
-    pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # host copies
+    pristine: dict[str, tuple[Tensor, ...]] = field(default_factory=dict)  # GPU or host copies
     file_backed: set[str] = field(default_factory=set)  # layers the source gives back bit for bit
     dirty: set[str] = field(default_factory=set)  # layers that hold pristine + deltas
 
@@ -122,6 +133,13 @@ class LoraFuser:
         assert not self.dirty.intersection(new)  # a dirty layer always has its way back: settled before the change
         if not new:
             return 0
+        room = self.device_room()
+        for name in new:
+            size = _bytes(_state(modules[name]))
+            if size <= room:
+                self.pristine[name] = tuple(t.clone() for t in _state(modules[name]))
+                room -= size
+        new = [n for n in new if n not in self.pristine]
         from_file = [n for n in new if self.source is not None and self.source.has(n)]
         if from_file:
             self._check_source()
@@ -147,9 +165,29 @@ class LoraFuser:
                 "file the model was loaded from (restart to load the new one)"
             )
 
+    def device_room(self) -> int:
+        """Bytes of GPU memory that more pristine copies may take: up to `device_gib` if set, and never past what
+        leaves the card `DEVICE_RESERVE` or a quarter of it free (0 off a GPU)."""
+        device = next(self.model.parameters()).device
+        if device.type != "cuda" or self.device_gib == 0:
+            return 0
+        free, total = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's cache
+        room = free - max(DEVICE_RESERVE, total // 4)
+        if self.device_gib is not None:
+            room = min(room, int(self.device_gib * GIB) - self.device_bytes())
+        return max(room, 0)
+
     def host_bytes(self) -> int:
         """Host memory the pristine copies hold."""
-        return sum(t.numel() * t.element_size() for ts in self.pristine.values() for t in ts)
+        return sum(_bytes(ts) for ts in self.pristine.values() if ts[0].device.type == "cpu")
+
+    def device_bytes(self) -> int:
+        """GPU memory the pristine copies hold."""
+        return sum(_bytes(ts) for ts in self.pristine.values() if ts[0].device.type != "cpu")
+
+    def device_layers(self) -> int:
+        return sum(1 for ts in self.pristine.values() if ts[0].device.type != "cpu")
 
     @torch.no_grad()
     def _refresh(self, names: set[str]) -> None:
@@ -190,19 +228,22 @@ class LoraFuser:
             base = weight.clone() if any(p.magnitude is not None for p, _ in parts) else None
             for p, scale in parts:
                 rows = slice(*p.rows) if p.rows else slice(None)
-                weight[rows] += p.delta(scale, None if base is None else base[rows]).to(device)
+                p.add_to(weight[rows], scale, None if base is None else base[rows])
                 b = p.bias_delta(scale)
                 if b is not None:
                     bias[rows] += b.to(device)
-            finite[name] = torch.isfinite(weight).all() & (torch.isfinite(bias).all() if bias is not None else True)
             if isinstance(module, F8Linear):
-                # whole (the chunks that keep loading lean would only add kernel launches here): the same values
-                q, s = quantize_weight(weight, module.weight_scaling == "per_channel", chunk=weight.shape[0])
+                # whole (the chunks that keep loading lean would only add kernel launches here): the same values;
+                # the working copy is consumed, and a NaN or inf anywhere shows in the scale
+                q, s = quantize_weight(weight, module.weight_scaling == "per_channel", weight.shape[0], consume=True)
+                finite[name] = torch.isfinite(s).all()
                 module.weight.copy_(q)
                 module.weight_scale.copy_(s)
             else:
+                finite[name] = torch.isfinite(weight).all()
                 module.weight.copy_(weight)
             if bias is not None:
+                finite[name] &= torch.isfinite(bias).all()
                 module.bias.copy_(bias)
             self.dirty.add(name)
         by_device: dict[torch.device, list[Tensor]] = {}
@@ -237,6 +278,10 @@ def _bits_equal(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
         torch.equal(x.reshape(-1).view(torch.uint8), y.to(x.device).reshape(-1).view(torch.uint8))
         for x, y in zip(a, b, strict=True)
     )
+
+
+def _bytes(tensors: tuple[Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _host_copy(t: Tensor, pinned: bool) -> Tensor:
@@ -332,8 +377,9 @@ class PipelineLoras:
     def prepare_loras(self) -> None:
         """Settle every linear layer's way back to its pristine weights now, so that no LoRA load pays for it later.
 
-        Layers whose checkpoint file gives them back bit for bit (read once now, and compared) cost no memory; the
-        others are copied to host memory (11 GiB in fp8 for all of FLUX.1). Taken on demand, the first LoRA covering
+        Layers are copied on the GPU while it has room (`lora_vram_gib`); of the rest, those whose checkpoint file
+        gives them back bit for bit (read once now, and compared) cost no memory, and the others are copied to host
+        memory (11 GiB in fp8 for all of FLUX.1). Taken on demand, the first LoRA covering
         the whole model would wait for this (seconds; bench/RESULTS.md). The server does it at start-up with
         `--lora-dir`."""
         with self.lock:
@@ -341,8 +387,10 @@ class PipelineLoras:
             settled = self.loras.back_up()
             logger.info(
                 f"LoRA restore sources for {settled} layers settled in {time.perf_counter() - start:.1f} s: "
-                f"{len(self.loras.file_backed)} from the checkpoint file, {len(self.loras.pristine)} in host memory "
-                f"({self.loras.host_bytes() / 2**30:.2f} GiB held)"
+                f"{self.loras.device_layers()} copied on the GPU ({self.loras.device_bytes() / GIB:.2f} GiB), "
+                f"{len(self.loras.file_backed)} from the checkpoint file, "
+                f"{len(self.loras.pristine) - self.loras.device_layers()} in host memory "
+                f"({self.loras.host_bytes() / GIB:.2f} GiB)"
             )
 
     def unload_lora(self, name_or_path: str | None = None, *, path_or_identifier: str | None = None) -> None:

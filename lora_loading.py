@@ -53,6 +53,16 @@ class LoraPart:
             d = scale * (m / norm * merged - b)
         return _swap(d) if self.swap_halves else d
 
+    def add_to(self, rows: Tensor, scale: float, base: Tensor | None = None) -> None:
+        """`rows += delta(scale, base)` in place (float32 `rows`); a plain low-rank part is one matrix product that
+        adds into `rows`, with no delta-sized temporaries."""
+        if self.full is not None or self.magnitude is not None or self.swap_halves:
+            rows += self.delta(scale, base).to(rows.device)
+            return
+        rank = self.down.shape[0]
+        coef = scale * (self.alpha if self.alpha is not None else rank) / rank
+        rows.addmm_(self.up.to(rows.device, torch.float32), self.down.to(rows.device, torch.float32), alpha=coef)
+
     def bias_delta(self, scale: float) -> Tensor | None:
         if self.bias is None:
             return None

@@ -146,6 +146,9 @@ class ModelSpec(BaseModel):
     # the compile-cache artifact loaded before compiling (compile_cache.py); None: `<ckpt_path>.compile-cache`;
     # "off": none
     compile_cache: str | None = None
+    # GiB of the flow GPU's memory that pristine copies of LoRA-touched layers may take (lora_fusing.py); None: what
+    # leaves the card 16 GiB or a quarter free; 0: none (unloads read the checkpoint file)
+    lora_vram_gib: float | None = Field(default=None, ge=0)
     offload_text_encoder: bool = False
     offload_vae: bool = False
     offload_flow: bool = False

@@ -4,15 +4,16 @@
 
 Builds the full-size FLUX.1-dev flow model with random weights, quantizes it to fp8 (default settings),
 compiles its blocks and runs one 1024x1024 step. Then, through `FluxPipeline.load_lora/unload_lora` and a
-BFL-format rank-64 LoRA file covering every linear layer: the first load (which also copies each touched
-layer's pristine weights to host memory once), unload, a second LoRA, stacking both, a scale change, and
+BFL-format rank-64 LoRA file covering every linear layer: the first load (which also settles each touched
+layer's way back once, unless `--prepare` did), unload, a second LoRA, stacking both, a scale change, and
 unloading everything. Checks that no block was recompiled and that the output after the last unload is
 bit-identical to the output before the first load.
 
 With `--checkpoint FILE` (a prequantized full-size file, e.g. the one `bench_serving` writes), the model is loaded
-from it by the real loader and unloads restore from it (`checkpoint_source`, no host copies); `--restore host`
-keeps host copies as before. Host memory (RSS, and its anonymous part, where pinned copies live) is recorded
-before and after.
+from it by the real loader. `--restore` picks where unloads restore from: GPU copies (`gpu`, the default where
+the card has room), the file (`file`: `checkpoint_source`, no copies) or host copies (`host`, the old way). Host
+memory (RSS, and its anonymous part, where pinned copies live) is recorded before and after; a swap is also timed
+in its two halves (reading the new file, fusing).
 """
 
 import argparse
@@ -27,6 +28,8 @@ from torch._dynamo.utils import counters
 import float8_quantize as f8
 from bench.bench_flow import inputs, params, random_model, random_weights_config
 from flux_pipeline import FluxPipeline, compile_flow_model
+from lora_fusing import LoadedLora
+from lora_loading import read_lora
 from util import checkpoint_source, load_flow_model, spec_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +59,9 @@ def main() -> None:
                     "does it at start-up with --lora-dir)")  # fmt: skip
     ap.add_argument("--no-compile", action="store_true", help="eager blocks (LoRA times do not depend on it)")
     ap.add_argument("--checkpoint", help="a prequantized flow checkpoint to load the model from")
-    ap.add_argument("--restore", choices=["file", "host"], default="file", help="with --checkpoint: where unloads "
-                    "restore from")  # fmt: skip
+    ap.add_argument("--restore", choices=["gpu", "file", "host"], default="gpu", help="where unloads restore from: "
+                    "GPU copies (as much as the card has room for: FLUX.1 all on an H200), the --checkpoint file (no "
+                    "GPU copies), or host copies (neither)")  # fmt: skip
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = args.device
@@ -69,9 +73,10 @@ def main() -> None:
         cfg.update(ckpt_path=args.checkpoint, prequantized_flow=True)
         spec = spec_from_dict(cfg)
         model = load_flow_model(spec)
-        source = checkpoint_source(spec, model) if args.restore == "file" else None
+        source = checkpoint_source(spec, model) if args.restore != "host" else None
     else:
         model = f8.quantize_flow_model(random_model(p, dev, torch.bfloat16), f8.F8Settings())
+    cfg["lora_vram_gib"] = None if args.restore == "gpu" else 0
     pipe = FluxPipeline(
         spec_from_dict(cfg), model, None, None, None, pin_lora_backups=not args.pageable, lora_source=source
     )
@@ -95,7 +100,8 @@ def main() -> None:
     layers, size = lora_file(model, args.rank, 1, work / "lora_a.safetensors")
     lora_file(model, args.rank, 2, work / "lora_b.safetensors")
     result = {"pinned": not args.pageable, "prepared": args.prepare, "layers": layers, "rank": args.rank,
-              "restore": args.restore if args.checkpoint else "host", "rss_at_start": rss_start,
+              "restore": args.restore if args.checkpoint or args.restore != "file" else "host",
+              "rss_at_start": rss_start,
               "rss_before_loras": host_memory()}  # fmt: skip
     result["lora_file_mib"] = size / 2**20
     result["compile_s"] = compile_s
@@ -131,12 +137,20 @@ def main() -> None:
         pipe.unload_lora(old)
         pipe.load_lora(path, 1.0, new)
 
+    # the swap's two halves: reading and checking the new file (read_lora, convert_lora, to the GPU), and fusing
+    timed("swap_read_s", lambda: pipe._read_deltas(*read_lora(str(work / "lora_b.safetensors"))))
+    deltas, _ = pipe._read_deltas(*read_lora(str(work / "lora_b.safetensors")))
+    timed("swap_fuse_s", lambda: pipe.loras.replace({"b": LoadedLora("b", "b", 1.0, deltas)}))
+    timed("swap_fuse_back_s", lambda: pipe.set_loras({"a": (str(work / "lora_a.safetensors"), 1.0)}))
     timed("unload_a_load_b_s", lambda: unload_then_load("a", "b", work / "lora_b.safetensors"))
     timed("unload_b_load_a_s", lambda: unload_then_load("b", "a", work / "lora_a.safetensors"))
     pipe.unload_lora("a")
     after = forward()
     result["rss_at_end"] = host_memory()
     result["host_copies_gib"] = pipe.loras.host_bytes() / 2**30
+    result["gpu_copies_gib"] = pipe.loras.device_bytes() / 2**30
+    if dev.startswith("cuda"):
+        result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result.update(
         recompiled_graphs=counters["stats"]["unique_graphs"] - graphs,
         lora_changes_output=not torch.equal(before, with_a),

@@ -19,6 +19,7 @@ def test_defaults(tiny_cfg):
     assert spec.flux_device == "cuda:0" and spec.text_enc_max_length == 512
     assert spec.clip_path == "openai/clip-vit-large-patch14" and spec.quantize_modulation
     assert ModelSpec(**dict(cfg, version="flux-schnell")).text_enc_max_length == 256
+    assert spec.lora_vram_gib is None and ModelSpec(**dict(cfg, lora_vram_gib=0)).lora_vram_gib == 0
 
 
 def test_unknown_key_is_named(tiny_cfg):
@@ -33,6 +34,8 @@ def test_wrong_type_is_named(tiny_cfg):
         spec_from_dict(dict(tiny_cfg, compile_blocks="sometimes"))
     with pytest.raises(ValueError, match="flow_dtype"):
         spec_from_dict(dict(tiny_cfg, flow_dtype="int8"))
+    with pytest.raises(ValueError, match="lora_vram_gib"):
+        spec_from_dict(dict(tiny_cfg, lora_vram_gib=-1))
 
 
 def test_missing_file_names_key_and_path(tiny_cfg):

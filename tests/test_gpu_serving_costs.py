@@ -1,6 +1,6 @@
 """CUDA checks of the cheaper-image features (run on the GPU machine with `python -m pytest -q -m gpu`): batches
-after a batch warm-up compile nothing and give each request its own image; LoRA unloads restore from the
-checkpoint file on the GPU bit for bit; a compile-cache artifact spares a fresh process every compile."""
+after a batch warm-up compile nothing and give each request its own image; LoRA unloads restore bit for bit from
+GPU copies, the checkpoint file, or both; a compile-cache artifact spares a fresh process every compile."""
 
 import json
 import os
@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 
 import compile_cache
 import float8_quantize as f8
+import lora_fusing
 from batching import ImageRequest
 from flux_pipeline import FluxPipeline
 from tests.helpers import ROOT, random_inputs
@@ -41,11 +42,26 @@ def test_batches_after_the_batch_warm_up_compile_nothing(cuda_cfg):
     assert len(two) == 2
 
 
-def test_lora_unload_restores_from_the_file_on_cuda(cuda_cfg, flow_params):
-    pipe = FluxPipeline.load_pipeline_from_config(cuda_cfg)  # bf16 file, quantized on the GPU at load
-    pipe.prepare_loras()
+@pytest.mark.parametrize("where", ["file", "gpu", "both"])
+def test_lora_unload_restores_exactly_from_gpu_copies_or_the_file(cuda_cfg, flow_params, where):
+    # bf16 file, quantized on the GPU at load; the GPU copies: none, as many as fit (all: tiny), or half the bytes
+    vram = {"file": 0, "gpu": None, "both": None}[where]
+    pipe = FluxPipeline.load_pipeline_from_config(dict(cuda_cfg, lora_vram_gib=vram))
     linears = sorted(n for n, m in pipe.model.named_modules() if isinstance(m, (torch.nn.Linear, f8.F8Linear)))
-    assert sorted(pipe.loras.file_backed) == linears and pipe.loras.host_bytes() == 0
+    layer_bytes = {n: sum(t.numel() * t.element_size() for t in lora_fusing._state(pipe.model.get_submodule(n)))
+                   for n in linears}  # fmt: skip
+    if where == "both":
+        pipe.loras.device_gib = sum(layer_bytes.values()) / 2 / 2**30
+    pipe.prepare_loras()
+    copied = sorted(pipe.loras.pristine)
+    assert pipe.loras.host_bytes() == 0 and sorted(copied + sorted(pipe.loras.file_backed)) == linears
+    assert pipe.loras.device_bytes() == sum(layer_bytes[n] for n in copied)
+    if where == "file":
+        assert not copied
+    elif where == "gpu":
+        assert copied == linears and all(t.is_cuda for ts in pipe.loras.pristine.values() for t in ts)
+    else:
+        assert 0 < len(copied) < len(linears) and pipe.loras.device_bytes() <= sum(layer_bytes.values()) / 2
     before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     lora = {}
