@@ -133,7 +133,7 @@ class LoraFuser:
         assert not self.dirty.intersection(new)  # a dirty layer always has its way back: settled before the change
         if not new:
             return 0
-        room = self.device_room()
+        settled, room = len(new), self.device_room()
         for name in new:
             size = _bytes(_state(modules[name]))
             if size <= room:
@@ -156,7 +156,7 @@ class LoraFuser:
                 self.pristine[name] = tuple(_host_copy(t, self.pin_backups) for t in _state(modules[name]))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        return len(new)
+        return settled
 
     def _check_source(self) -> None:
         if self.source.changed():

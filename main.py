@@ -14,6 +14,7 @@ from pathlib import Path
 import uvicorn
 from loguru import logger
 
+from cache_dir import use_cache_dir
 from errors import FluxError
 from serving import logs
 from serving.settings import ServerSettings
@@ -21,12 +22,6 @@ from serving.settings import ServerSettings
 # The library (and torch with it) is imported in `build_pipeline`, after `--cache-dir` has pointed the compile
 # and bytecode caches at their folder: imported first, torch would have read the variables already.
 
-# what `--cache-dir` keeps besides Python's bytecode: environment variable -> its folder there
-COMPILE_CACHES = {
-    "TORCHINDUCTOR_CACHE_DIR": "inductor",
-    "TRITON_CACHE_DIR": "triton",
-    "TORCH_EXTENSIONS_DIR": "torch_extensions",
-}
 MAX_CONNECTIONS = 64
 KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this
 QUANT_CHOICES = {
@@ -168,28 +163,6 @@ def config_overrides(args: argparse.Namespace) -> dict:
     }
     out.update(value for flag, value in flags.items() if flag in given)
     return out
-
-
-def use_cache_dir(path: str) -> None:
-    """Keep what makes a start-up warm under one folder: inductor's compiled graphs, Triton's kernels and
-    autotune choices, built torch extensions (optimum-quanto's CUDA one), and the bytecode of every module
-    Python imports. The bytecode goes there even under PYTHONDONTWRITEBYTECODE (it never lands beside the
-    installed sources): an installation without .pyc files, as in images built with that variable set,
-    otherwise compiles some 4,000 modules from source at every start (seconds of every start; bench/RESULTS.md).
-    Runs before torch is imported; the compile workers inherit it through the environment."""
-    root = Path(path).expanduser().resolve()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: --cache-dir {path}: {e}") from None
-    for var, sub in {**COMPILE_CACHES, "PYTHONPYCACHEPREFIX": "pycache"}.items():
-        os.environ[var] = str(root / sub)
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
-    sys.dont_write_bytecode = False
-    if "torch" in sys.modules:  # imported already (in-process callers): later imports still use the folders
-        logger.warning("--cache-dir given after torch was imported: modules imported so far were not cached")
-    logger.info(f"start-up caches in {root}")
 
 
 def build_pipeline(args: argparse.Namespace):

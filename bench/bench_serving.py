@@ -38,7 +38,7 @@ import httpx
 import torch
 
 from bench import report
-from main import COMPILE_CACHES
+from cache_dir import COMPILE_CACHES
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,14 +1,17 @@
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import main_gr
+from cache_dir import use_cache_dir
 from float8_quantize import F8Linear
 from flux_pipeline import WARM_UP_SIZES, FluxPipeline
-from main import build_pipeline, config_overrides, parse_args, use_cache_dir
+from main import build_pipeline, config_overrides, parse_args
 from serving.settings import ServerSettings
 from tests.helpers import ROOT, TINY_CONFIG
 
@@ -109,6 +112,32 @@ def test_cache_dir_that_cannot_be_made_is_a_clear_error(tmp_path, monkeypatch):
     assert parse_args([]).cache_dir == os.environ.get("FLUX_CACHE_DIR")
     monkeypatch.setenv("FLUX_CACHE_DIR", str(tmp_path / "from-env"))
     assert parse_args([]).cache_dir == str(tmp_path / "from-env")
+
+
+def test_cache_dir_uses_installed_bytecode_and_keeps_the_rest(tmp_path):
+    """A package that ships bytecode beside its source is loaded from it; one without gets its bytecode in the cache
+    folder, never beside the source (PYTHONDONTWRITEBYTECODE, as in container images)."""
+    site, cache = tmp_path / "site", tmp_path / "cache"
+    for name in ("shipped", "plain"):
+        (site / name).mkdir(parents=True)
+    source = site / "shipped" / "__init__.py"
+    source.write_text("X = 'from the bytecode'\n")
+    # unchecked: not compared with the source, so the module's value says which of the two was loaded
+    py_compile.compile(str(source), invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH, doraise=True)
+    source.write_text("X = 'from the source'\n")
+    (site / "plain" / "__init__.py").write_text("X = 'plain'\n")
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r}); from cache_dir import use_cache_dir; "
+        f"use_cache_dir({str(cache)!r}); import shipped, plain; print(shipped.X); print(shipped.__cached__); "
+        "print(plain.__cached__)"
+    )
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    value, shipped_cached, plain_cached = run.stdout.split("\n")[:3]
+    assert value == "from the bytecode" and Path(shipped_cached).parent == site / "shipped" / "__pycache__"
+    assert Path(plain_cached).is_relative_to(cache / "pycache") and Path(plain_cached).is_file()
+    assert not (site / "plain" / "__pycache__").exists()
 
 
 def test_main_gr_starts_the_server_with_the_ui_at_root(monkeypatch):

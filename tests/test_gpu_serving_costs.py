@@ -52,7 +52,7 @@ def test_lora_unload_restores_exactly_from_gpu_copies_or_the_file(cuda_cfg, flow
                    for n in linears}  # fmt: skip
     if where == "both":
         pipe.loras.device_gib = sum(layer_bytes.values()) / 2 / 2**30
-    pipe.prepare_loras()
+    assert pipe.loras.back_up() == len(linears)  # what prepare_loras does, counted
     copied = sorted(pipe.loras.pristine)
     assert pipe.loras.host_bytes() == 0 and sorted(copied + sorted(pipe.loras.file_backed)) == linears
     assert pipe.loras.device_bytes() == sum(layer_bytes[n] for n in copied)
