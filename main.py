@@ -282,9 +282,10 @@ def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
     from api import create_app
     from serving.connections import HeaderDeadlineProtocol
 
-    start = time.perf_counter()
-    pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # first-call costs (kernels, allocator) paid here
-    logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
+    if not pipeline.config.compiles:  # compiling warmed it up already, at the sizes that matter
+        start = time.perf_counter()
+        pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # first-call costs (kernels, allocator) paid here
+        logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
     if args.lora_dir:  # LoRA requests will come: pay for the pristine weight copies now, not on the first one
         pipeline.prepare_loras()
     # what loading made lives as long as the process: out of the collector's sight, a full collection no longer
