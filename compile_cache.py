@@ -11,6 +11,8 @@ An artifact holds compiled code that the process runs: trust one as you trust th
 artifacts you (or your deployment) wrote.
 """
 
+import contextlib
+import hashlib
 import io
 import os
 import time
@@ -85,22 +87,28 @@ def save(path: str | Path) -> dict:
 
 
 def load(path: str | Path) -> bool:
-    """Load the artifact at `path` into this process's caches (before anything compiles); whether it was there.
-    A damaged file is logged and skipped: the model then compiles as it would without it."""
+    """Load the artifact at `path` into this machine's compile caches (before anything compiles); whether it was
+    there. Bytes already loaded into these caches (`loaded_marker`) are not loaded again. A damaged file is logged
+    and skipped: the model then compiles as it would without it."""
     path = Path(path)
     if not path.is_file():
         return False
     start = time.perf_counter()
     try:
-        with zipfile.ZipFile(path) as z:
+        data = path.read_bytes()
+        loaded = loaded_marker(data)
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             triton_dir = triton_cache_dir()
             names = [n for n in z.namelist() if n.startswith(TRITON_PREFIX) and not n.endswith("/")]
+            kernels_there = triton_dir is not None and all(_triton_target(triton_dir, n).is_file() for n in names)
+            if loaded is not None and loaded.is_file() and (kernels_there or not names):
+                # torch's loading writes its entries into the on-disk caches, which still hold them: nothing to do
+                logger.info(f"compile cache {path}: already in this machine's caches ({loaded.parent})")
+                return True
             written = 0
             if triton_dir is not None:
                 for name in names:
-                    target = (triton_dir / name[len(TRITON_PREFIX) :]).resolve()
-                    if not target.is_relative_to(triton_dir.resolve()):  # a crafted name must not escape the cache
-                        raise ValueError(f"entry {name!r} points outside the Triton cache")
+                    target = _triton_target(triton_dir, name)
                     if target.exists():
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,12 +124,37 @@ def load(path: str | Path) -> bool:
     if info is None:  # torch logs what was wrong with the bytes and loads nothing
         logger.warning(f"compile cache {path} not used (torch could not read it): compiling instead")
         return False
+    if loaded is not None:
+        with contextlib.suppress(OSError):  # a read-only cache: loaded again next time
+            loaded.parent.mkdir(parents=True, exist_ok=True)
+            loaded.touch()
     entries = {k: len(v) for k, v in info.artifacts.items()}
     logger.info(
         f"loaded the compile cache {path} in {time.perf_counter() - start:.1f} s (torch {entries}, "
         f"{written} of {len(names)} Triton files new)"
     )
     return True
+
+
+def _triton_target(triton_dir: Path | None, name: str) -> Path:
+    """Where an artifact's Triton entry goes; a crafted name must not point outside the Triton cache."""
+    if triton_dir is None:
+        raise ValueError("no Triton cache folder to put the artifact's kernels in")
+    target = (triton_dir / name[len(TRITON_PREFIX) :]).resolve()
+    if not target.is_relative_to(triton_dir.resolve()):
+        raise ValueError(f"entry {name!r} points outside the Triton cache")
+    return target
+
+
+def loaded_marker(data: bytes) -> Path | None:
+    """A file in inductor's cache folder that says these artifact bytes were loaded into it (named by their
+    SHA-256): a warm restart then skips loading them again (seconds). None where torch does not say where that
+    folder is."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:
+        return None
+    return Path(cache_dir()) / "flux-compile-cache" / hashlib.sha256(data).hexdigest()
 
 
 def read_entries(path: str | Path) -> list[str]:

@@ -4,8 +4,7 @@ import io
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,7 +37,6 @@ from util import (
     load_config,
     load_flow_model,
     load_text_encoders,
-    load_together,
     spec_from_dict,
 )
 
@@ -113,18 +111,17 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         pin_lora_backups: bool = True,
         warm_up_batch: int = 1,
         use_compile_cache: bool = True,
-        parallel_load: bool | None = None,
     ) -> "FluxPipeline":
-        """Load every component (the text encoders in one thread, the rest in another where `load_together` says
-        so, or as `parallel_load` says); with compile on, load the compile cache (`compile_cache.py`) if there is one,
+        """Load every component; with compile on, load the compile cache (`compile_cache.py`) if there is one,
         compile and warm up at `warm_up_sizes`, and for batches up to `warm_up_batch` (see `compile`).
         `options`: which kernels the flow model and the autoencoder run; `pin_lora_backups`: see `LoraFuser`."""
         if isinstance(config, dict):
             config = spec_from_dict(config)
         start = time.perf_counter()
-        artifact = None
-        if config.compiles and use_compile_cache:
+        if config.compiles and use_compile_cache:  # before anything compiles: what it holds is found, not compiled
             artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+            if artifact is not None:
+                compile_cache.load(artifact)
         # offloaded components load on the CPU and visit their device only while they run
         cpu = {
             "text_enc_device": config.offload_text_encoder,
@@ -134,28 +131,18 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         load_config = config.model_copy(update={k: "cpu" for k, offload in cpu.items() if offload})
         for key in cpu:  # a typo in a device is an error even when that component is offloaded
             check_device(getattr(config, key), key)
-
-        def flow_and_ae() -> tuple[torch.nn.Module, torch.nn.Module, float, float]:
-            if artifact is not None:  # before anything compiles: what it holds is found, not compiled
-                compile_cache.load(artifact)
-            begin = time.perf_counter()
-            model = load_flow_model(load_config, options)
-            if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
-                match_device(model, torch.device(config.flux_device))
-            flow_s = time.perf_counter() - begin
-            return model, load_autoencoder(load_config, options), flow_s, time.perf_counter() - begin - flow_s
-
-        together = load_together(load_config) if parallel_load is None else parallel_load
-        with ThreadPoolExecutor(1) if together else nullcontext() as pool:
-            rest = pool.submit(flow_and_ae) if together else None
-            clip, t5 = load_text_encoders(load_config)
-            text_s = time.perf_counter() - start
-            model, ae, flow_s, ae_s = rest.result() if rest is not None else flow_and_ae()
+        clip, t5 = load_text_encoders(load_config)
+        text_s = time.perf_counter() - start
+        model = load_flow_model(load_config, options)
+        if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
+            match_device(model, torch.device(config.flux_device))
+        flow_s = time.perf_counter() - start - text_s
+        ae = load_autoencoder(load_config, options)
+        total_s = time.perf_counter() - start
         logger.info(
-            f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s"
-            f"{' (the text encoders beside the rest)' if together else ''}: text encoders {text_s:.1f} s, flow model "
+            f"loaded {config.version} pipeline in {total_s:.1f} s: text encoders {text_s:.1f} s, flow model "
             f"{flow_s:.1f} s ({config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on "
-            f"{config.flux_device}), autoencoder {ae_s:.1f} s"
+            f"{config.flux_device}), autoencoder {total_s - text_s - flow_s:.1f} s"
         )
         pipeline = cls(config, model, ae, clip, t5, pin_lora_backups, checkpoint_source(load_config, model))
         if config.compiles:

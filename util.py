@@ -347,17 +347,6 @@ def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype,
     return HFEmbedder(tokenizer, model, max_length=max_length, is_clip=is_clip)
 
 
-def load_together(config: ModelSpec) -> bool:
-    """Whether the text encoders may load while the flow model and the autoencoder do (seconds saved: each is mostly
-    reading and converting, which overlap): on CUDA devices of 48 GiB or more, where both loads' peaks fit at once
-    (T5-XXL passes through bf16, 9 GiB, before its fp8 weights; the flow model takes 11 GiB in fp8). Smaller cards
-    and the CPU load one after the other, as the peak is what limits them."""
-    devices = {torch.device(d) for d in (config.text_enc_device, config.flux_device, config.ae_device)}
-    if any(d.type != "cuda" for d in devices) or not torch.cuda.is_available():
-        return False
-    return all(torch.cuda.get_device_properties(d).total_memory >= 48 * 2**30 for d in devices)
-
-
 def load_text_encoders(config: ModelSpec) -> tuple[HFEmbedder, HFEmbedder]:
     """(clip, t5), on `text_enc_device` in `text_enc_dtype`."""
     device = check_device(config.text_enc_device, "text_enc_device")

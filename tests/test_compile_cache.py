@@ -24,13 +24,15 @@ if mode == "write":
 """
 
 
-def run(mode: str, artifact, cache_dir) -> dict:
+def run(mode: str, artifact, cache_dir, log: list | None = None) -> dict:
     env = {"TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"), "TRITON_CACHE_DIR": str(cache_dir / "triton"),
            "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}  # fmt: skip
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode, str(artifact)], capture_output=True, text=True, env=env, timeout=300
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    if log is not None:
+        log.append(out.stderr)
     line = next(line for line in out.stdout.splitlines() if line.startswith("COUNTERS"))
     return eval(line.removeprefix("COUNTERS "))  # a dict of ints printed by the script above
 
@@ -40,8 +42,18 @@ def test_an_artifact_spares_a_fresh_process_the_compile(tmp_path):
     first = run("write", artifact, tmp_path / "caches-1")
     assert first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit")
     assert compile_cache.TORCH_ENTRY in zipfile.ZipFile(artifact).namelist()
-    fresh = run("load", artifact, tmp_path / "caches-2")  # empty caches: only the artifact can give the graph
+    logs: list[str] = []
+    fresh = run("load", artifact, tmp_path / "caches-2", logs)  # empty caches: only the artifact can give the graph
     assert fresh.get("fxgraph_cache_hit", 0) >= 1 and not fresh.get("fxgraph_cache_miss")
+    assert "loaded the compile cache" in logs[0]
+    # a restart on the same caches: the artifact's entries are there already, so it is not loaded again
+    again = run("load", artifact, tmp_path / "caches-2", logs)
+    assert "already in this machine's caches" in logs[1] and "loaded the compile cache" not in logs[1]
+    assert again.get("fxgraph_cache_hit", 0) >= 1 and not again.get("fxgraph_cache_miss")
+    # other bytes (a rewritten artifact) are loaded
+    artifact.write_bytes(artifact.read_bytes() + b"\0")  # a zip ignores bytes after its end record
+    run("load", artifact, tmp_path / "caches-2", logs)
+    assert "loaded the compile cache" in logs[2]
 
 
 def test_a_damaged_artifact_is_skipped(tmp_path):
