@@ -126,8 +126,9 @@ class LoraFuser:
 
     @torch.no_grad()
     def _settle(self, names: set[str]) -> int:
-        """Give each layer of `names` that has none a way back to its pristine tensors: the checkpoint file where
-        it gives them back bit for bit, else a host copy. Runs before anything changes them."""
+        """Give each layer of `names` that has none a way back to its pristine tensors: a copy on its GPU while
+        `device_room` allows, the checkpoint file where it gives them back bit for bit, else a host copy. Runs
+        before anything changes them; returns how many layers it settled."""
         modules = self.modules()
         new = sorted(n for n in names if n not in self.pristine and n not in self.file_backed)
         assert not self.dirty.intersection(new)  # a dirty layer always has its way back: settled before the change
