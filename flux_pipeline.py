@@ -71,7 +71,7 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         self.lock = threading.RLock()
         # LoRA unloads restore from GPU copies where the card has room, else from the checkpoint file where it was
         # given, else from host copies (`lora_fusing`)
-        self.loras = LoraFuser(model, pin_lora_backups, lora_source, config.lora_vram_gib)
+        self.loras = LoraFuser(model, pin_backups=pin_lora_backups, source=lora_source, device_gib=config.lora_vram_gib)
         # fusing a LoRA copies into the same weight tensors, so graphs stay valid; offloading moves them
         graphs = config.cuda_graphs and self.flux_device.type == "cuda" and not config.offload_flow
         self.step_model = GraphedFlow(model) if graphs else model
