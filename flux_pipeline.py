@@ -32,7 +32,7 @@ from util import (
     ModelSpec,
     check_device,
     checkpoint_source,
-    flow_checkpoint,
+    compile_artifact,
     load_autoencoder,
     load_config,
     load_flow_model,
@@ -119,7 +119,7 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
             config = spec_from_dict(config)
         start = time.perf_counter()
         if config.compiles and use_compile_cache:  # before anything compiles: what it holds is found, not compiled
-            artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+            artifact = compile_artifact(config)
             if artifact is not None:
                 compile_cache.load(artifact)
         # offloaded components load on the CPU and visit their device only while they run

@@ -31,6 +31,12 @@ class LoraPart:
     magnitude: Tensor | None = None  # DoRA: (rows,) per output row, or (1, in) per input column
     full: Tensor | None = None  # a full-weight delta (`.diff`): used instead of up @ down
 
+    @property
+    def ratio(self) -> float:
+        """alpha / rank, the low-rank product's multiplier (1 without an alpha)."""
+        rank = self.down.shape[0]
+        return (self.alpha if self.alpha is not None else rank) / rank
+
     def delta(self, scale: float, base: Tensor | None = None) -> Tensor:
         """The change to the target rows at `scale`. DoRA needs `base`, the rows' pristine float32 weight: its
         result is `magnitude * (base + BA) / norm(base + BA)` (norm per output row, or per input column), and
@@ -38,8 +44,7 @@ class LoraPart:
         if self.full is not None:
             d = scale * self.full.float()
             return _swap(d) if self.swap_halves else d
-        rank = self.down.shape[0]
-        d = ((self.alpha if self.alpha is not None else rank) / rank) * (self.up.float() @ self.down.float())
+        d = self.ratio * (self.up.float() @ self.down.float())
         if self.magnitude is None:
             d = scale * d
         else:
@@ -59,9 +64,8 @@ class LoraPart:
         if self.full is not None or self.magnitude is not None or self.swap_halves:
             rows += self.delta(scale, base).to(rows.device)
             return
-        rank = self.down.shape[0]
-        coef = scale * (self.alpha if self.alpha is not None else rank) / rank
-        rows.addmm_(self.up.to(rows.device, torch.float32), self.down.to(rows.device, torch.float32), alpha=coef)
+        up, down = self.up.to(rows.device, torch.float32), self.down.to(rows.device, torch.float32)
+        rows.addmm_(up, down, alpha=scale * self.ratio)
 
     def bias_delta(self, scale: float) -> Tensor | None:
         if self.bias is None:
@@ -69,8 +73,7 @@ class LoraPart:
         if self.full is not None:
             b = scale * self.bias.float()
             return _swap(b) if self.swap_halves else b
-        rank = self.down.shape[0]
-        b = scale * ((self.alpha if self.alpha is not None else rank) / rank) * self.bias.float()
+        b = scale * self.ratio * self.bias.float()
         return _swap(b) if self.swap_halves else b
 
 

@@ -200,12 +200,9 @@ def build_pipeline(args: argparse.Namespace):
 
 
 def has_compile_cache(config) -> bool:
-    import compile_cache
-    from util import flow_checkpoint
+    from util import compile_artifact
 
-    if not config.compiles:
-        return False
-    artifact = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
+    artifact = compile_artifact(config) if config.compiles else None
     return artifact is not None and artifact.is_file()
 
 
@@ -253,13 +250,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_compile_cache(pipeline, path: str) -> None:
     import compile_cache
-    from util import flow_checkpoint
+    from util import compile_artifact, flow_checkpoint
 
-    config = pipeline.config
-    pipeline.generate_images("warm-up", 256, 256, 1, seed=0)  # what a server's start runs too
+    config = pipeline.config  # loading compiled and warmed up as a server's start does
     # where this config's starts look for it ("off" in the config: beside the checkpoint all the same)
-    configured = compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
-    compile_cache.save(path or configured or compile_cache.default_path(flow_checkpoint(config)))
+    compile_cache.save(path or compile_artifact(config) or compile_cache.default_path(flow_checkpoint(config)))
 
 
 def listen(host: str, port: int) -> socket.socket:

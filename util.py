@@ -14,6 +14,7 @@ from loguru import logger
 from safetensors import safe_open
 from torch import nn
 
+import compile_cache
 import encoder_quantize
 import f8_original
 import float8_quantize
@@ -281,6 +282,12 @@ def write_prequantized(config_path: str, output: str, device: str | None = None)
     config = load_config_file(config_path, **overrides)
     metadata = float8_quantize.metadata_for(config.f8_settings, config.params.model_dump(), config.flow_dtype)
     float8_quantize.save_prequantized(load_flow_model(config), output, metadata)
+
+
+def compile_artifact(config: ModelSpec) -> Path | None:
+    """The compile-cache artifact this config's starts load (`compile_cache`), or None where the config turns it
+    off."""
+    return compile_cache.artifact_path(config.compile_cache, lambda: flow_checkpoint(config))
 
 
 def checkpoint_source(config: ModelSpec, model: nn.Module) -> CheckpointSource | None:
