@@ -1,5 +1,6 @@
 """FluxPipeline: owns the text encoders, the flow transformer and the autoencoder, and makes images."""
 
+import gc
 import io
 import threading
 import time
@@ -33,11 +34,13 @@ from util import (
     check_device,
     checkpoint_source,
     compile_artifact,
+    import_text_encoder_code,
     load_autoencoder,
     load_config,
     load_flow_model,
     load_text_encoders,
     spec_from_dict,
+    text_encoders_after_flow,
 )
 
 __all__ = ["FluxPipeline", "Cancelled", "LoraNotLoaded", "compile_flow_model", "WARM_UP_SIZES"]
@@ -117,6 +120,19 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         `options`: which kernels the flow model and the autoencoder run; `pin_lora_backups`: see `LoraFuser`."""
         if isinstance(config, dict):
             config = spec_from_dict(config)
+        with collector_paused():
+            return cls._load(config, warm_up_sizes, options, pin_lora_backups, warm_up_batch, use_compile_cache)
+
+    @classmethod
+    def _load(
+        cls,
+        config: ModelSpec,
+        warm_up_sizes: tuple[tuple[int, int], ...],
+        options: KernelOptions,
+        pin_lora_backups: bool,
+        warm_up_batch: int,
+        use_compile_cache: bool,
+    ) -> "FluxPipeline":
         start = time.perf_counter()
         if config.compiles and use_compile_cache:  # before anything compiles: what it holds is found, not compiled
             artifact = compile_artifact(config)
@@ -131,18 +147,37 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         load_config = config.model_copy(update={k: "cpu" for k, offload in cpu.items() if offload})
         for key in cpu:  # a typo in a device is an error even when that component is offloaded
             check_device(getattr(config, key), key)
-        clip, t5 = load_text_encoders(load_config)
-        text_s = time.perf_counter() - start
-        model = load_flow_model(load_config, options)
-        if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
-            match_device(model, torch.device(config.flux_device))
-        flow_s = time.perf_counter() - start - text_s
-        ae = load_autoencoder(load_config, options)
-        total_s = time.perf_counter() - start
+        phases: dict[str, float] = {}
+
+        def timed(phase: str, load: Callable[[], Any]) -> Any:
+            t = time.perf_counter()
+            result = load()
+            phases[phase] = time.perf_counter() - t
+            return result
+
+        def flow_model() -> torch.nn.Module:
+            model = load_flow_model(load_config, options)
+            if config.offload_flow and config.flow_fp8:  # loaded on the CPU, runs on flux_device
+                match_device(model, torch.device(config.flux_device))
+            return model
+
+        if text_encoders_after_flow(load_config):
+            # importing transformers (seconds of Python) runs while the flow checkpoint streams onto the GPU
+            importing = threading.Thread(target=import_text_encoder_code, name="import-transformers", daemon=True)
+            importing.start()
+            model = timed("flow model", flow_model)
+            ae = timed("autoencoder", lambda: load_autoencoder(load_config, options))
+            # the wait for the import is the text encoders' share: it is what they cost beyond the overlap
+            clip, t5 = timed("text encoders", lambda: importing.join() or load_text_encoders(load_config))
+        else:
+            clip, t5 = timed("text encoders", lambda: load_text_encoders(load_config))
+            model = timed("flow model", flow_model)
+            ae = timed("autoencoder", lambda: load_autoencoder(load_config, options))
         logger.info(
-            f"loaded {config.version} pipeline in {total_s:.1f} s: text encoders {text_s:.1f} s, flow model "
-            f"{flow_s:.1f} s ({config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype} on "
-            f"{config.flux_device}), autoencoder {total_s - text_s - flow_s:.1f} s"
+            f"loaded {config.version} pipeline in {time.perf_counter() - start:.1f} s: "
+            + ", ".join(f"{phase} {s:.1f} s" for phase, s in phases.items())
+            + f" (flow model {config.flow_quantization_dtype or 'unquantized'} {config.flow_dtype}"
+            + f" on {config.flux_device})"
         )
         pipeline = cls(config, model, ae, clip, t5, pin_lora_backups, checkpoint_source(load_config, model))
         if config.compiles:
@@ -311,6 +346,20 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
         return (result, seed) if return_seed else result
 
 
+@contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector off, then as it was: loading, compiling and warming up allocate millions of
+    objects that mostly live on (imports, the model, compiled graphs), and the collector's passes over all of them
+    cost seconds of a start (bench/RESULTS.md). The little garbage they leave is collected once it is back on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool = True) -> torch.nn.Module:
     """`torch.compile` the flow model's blocks and/or the other submodules, in place (state-dict keys unchanged).
 
@@ -321,6 +370,9 @@ def compile_flow_model(model: torch.nn.Module, blocks: bool = True, extras: bool
         for block in [*model.double_blocks, *model.single_blocks]:
             block.compile()
     if extras:
-        for name in ("pe_embedder", "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"):
+        # the submodules that run at every step; the timestep, guidance and vector embedders and the rotary
+        # embedding run once per image (`modulation_table`, `GraphedFlow`), where compiling them saves
+        # microseconds and costs every start a trace of each warm-up shape (seconds; bench/RESULTS.md)
+        for name in ("img_in", "txt_in", "final_layer"):
             getattr(model, name).compile()
     return model

@@ -215,6 +215,10 @@ def flags_only(overrides: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # a start allocates millions of objects that live as long as the process (modules, the model, compiled graphs),
+    # and the cyclic collector's passes over them cost seconds of it (bench/RESULTS.md): off until a server is
+    # warmed up (`serve` collects once and turns it back on); a one-image run ends before it would matter
+    gc.disable()
     args = parse_args(argv)
     if args.prompt is None:
         logs.configure(json_lines=args.log_json)
@@ -283,9 +287,13 @@ def serve(pipeline, args: argparse.Namespace, listener: socket.socket) -> None:
         logger.info(f"warmed up in {time.perf_counter() - start:.1f} s")
     if args.lora_dir:  # LoRA requests will come: pay for the pristine weight copies now, not on the first one
         pipeline.prepare_loras()
-    # what loading made lives as long as the process: out of the collector's sight, a full collection no longer
-    # walks the model's millions of objects, and no request waits for one
+    # the start's garbage collected once; what loading made lives as long as the process: out of the collector's
+    # sight, a full collection no longer walks the model's millions of objects, and no request waits for one
+    start = time.perf_counter()
+    collected = gc.collect()
     gc.freeze()
+    gc.enable()
+    logger.info(f"collected the start's garbage ({collected} objects) in {time.perf_counter() - start:.2f} s")
     settings = ServerSettings(
         args.max_queue_size, args.api_key, args.lora_dir, args.public_docs, args.ui, args.ui_at_root,
         metadata=not args.no_metadata, public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin),

@@ -354,6 +354,28 @@ def _load_encoder(path: str, is_clip: bool, max_length: int, dtype: torch.dtype,
     return HFEmbedder(tokenizer, model, max_length=max_length, is_clip=is_clip)
 
 
+def import_text_encoder_code() -> None:
+    """Import what `load_text_encoders` needs from transformers (seconds: it is a large package)."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel  # noqa: F401
+
+
+# T5-XXL is read onto its GPU in bf16 before it is quantized: beside a resident flow model that needs this much
+TEXT_ENCODERS_AFTER_FLOW_GIB = 48
+
+
+def text_encoders_after_flow(config: ModelSpec) -> bool:
+    """Whether the text encoders can load after the flow model (and transformers be imported meanwhile): they do
+    not share a GPU with it, or that GPU has room for the flow model beside T5's bf16 weights. On a 24 GB card the
+    text encoders load first, so that T5 is quantized before the flow model takes its share."""
+    text, flow = torch.device(config.text_enc_device), torch.device(config.flux_device)
+    if text.type != "cuda" or flow.type != "cuda":
+        return True
+    index = text.index if text.index is not None else torch.cuda.current_device()
+    if index != (flow.index if flow.index is not None else torch.cuda.current_device()):
+        return True
+    return torch.cuda.get_device_properties(index).total_memory >= TEXT_ENCODERS_AFTER_FLOW_GIB * 2**30
+
+
 def load_text_encoders(config: ModelSpec) -> tuple[HFEmbedder, HFEmbedder]:
     """(clip, t5), on `text_enc_device` in `text_enc_dtype`."""
     device = check_device(config.text_enc_device, "text_enc_device")

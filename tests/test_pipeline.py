@@ -117,3 +117,46 @@ def test_two_processes_give_the_same_jpeg(fp8_pipeline):
     (there,) = image_hashes_in_subprocesses(1)  # a fresh process against this one
     here = fp8_pipeline.generate("a lighthouse", width=128, height=96, num_steps=3, seed=11, silent=True)
     assert hashlib.sha256(here.getvalue()).hexdigest() == there
+
+
+@pytest.mark.parametrize("enabled_before", [True, False])
+def test_loading_pauses_the_garbage_collector_and_restores_it(tiny_cfg, enabled_before):
+    import gc
+
+    from flux_pipeline import FluxPipeline
+    from util import spec_from_dict
+
+    spec = spec_from_dict(dict(tiny_cfg, flow_quantization_dtype="bfloat16"))
+    passes = []
+    loading = FluxPipeline._load.__func__.__code__
+
+    def count(phase, info):  # collections that start while the loading code is running
+        frame = sys._getframe()
+        while frame is not None and frame.f_code is not loading:
+            frame = frame.f_back
+        if phase == "start" and frame is not None:
+            passes.append(info["generation"])
+
+    gc.enable() if enabled_before else gc.disable()
+    gc.callbacks.append(count)
+    try:
+        pipeline = FluxPipeline.load_pipeline_from_config(spec)
+        assert gc.isenabled() is enabled_before
+    finally:
+        gc.callbacks.remove(count)
+        gc.enable()
+    # loading allocates hundreds of thousands of objects: with the collector on, it would have run many times
+    assert passes == []
+    assert Image.open(pipeline.generate("a red fox", seed=5, silent=True, **SMALL)).size == (128, 96)
+
+
+def test_text_encoders_before_or_after_the_flow_model_give_the_same_image(tiny_cfg, bf16_pipeline, monkeypatch):
+    import flux_pipeline
+    import util
+
+    cpu = util.spec_from_dict(dict(tiny_cfg))
+    assert util.text_encoders_after_flow(cpu)  # nothing shares a GPU: transformers imports while the flow loads
+    monkeypatch.setattr(flux_pipeline, "text_encoders_after_flow", lambda config: False)
+    before = flux_pipeline.FluxPipeline.load_pipeline_from_config(dict(tiny_cfg, flow_quantization_dtype="bfloat16"))
+    image = before.generate("a red fox", seed=5, silent=True, **SMALL).getvalue()
+    assert image == bf16_pipeline.generate("a red fox", seed=5, silent=True, **SMALL).getvalue()
