@@ -165,10 +165,14 @@ class FluxPipeline(PipelineBatching, PipelineLoras, OriginalSurface):
             # importing transformers (seconds of Python) runs while the flow checkpoint streams onto the GPU
             importing = threading.Thread(target=import_text_encoder_code, name="import-transformers", daemon=True)
             importing.start()
+
+            def text_encoders() -> tuple[HFEmbedder, HFEmbedder]:
+                importing.join()  # the wait counts as theirs: what the import cost beyond the overlap
+                return load_text_encoders(load_config)
+
             model = timed("flow model", flow_model)
             ae = timed("autoencoder", lambda: load_autoencoder(load_config, options))
-            # the wait for the import is the text encoders' share: it is what they cost beyond the overlap
-            clip, t5 = timed("text encoders", lambda: importing.join() or load_text_encoders(load_config))
+            clip, t5 = timed("text encoders", text_encoders)
         else:
             clip, t5 = timed("text encoders", lambda: load_text_encoders(load_config))
             model = timed("flow model", flow_model)

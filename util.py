@@ -368,12 +368,9 @@ def text_encoders_after_flow(config: ModelSpec) -> bool:
     not share a GPU with it, or that GPU has room for the flow model beside T5's bf16 weights. On a 24 GB card the
     text encoders load first, so that T5 is quantized before the flow model takes its share."""
     text, flow = torch.device(config.text_enc_device), torch.device(config.flux_device)
-    if text.type != "cuda" or flow.type != "cuda":
+    if text.type != "cuda" or flow.type != "cuda" or (text.index or 0) != (flow.index or 0):  # as `check_device`
         return True
-    index = text.index if text.index is not None else torch.cuda.current_device()
-    if index != (flow.index if flow.index is not None else torch.cuda.current_device()):
-        return True
-    return torch.cuda.get_device_properties(index).total_memory >= TEXT_ENCODERS_AFTER_FLOW_GIB * 2**30
+    return torch.cuda.get_device_properties(text.index or 0).total_memory >= TEXT_ENCODERS_AFTER_FLOW_GIB * 2**30
 
 
 def load_text_encoders(config: ModelSpec) -> tuple[HFEmbedder, HFEmbedder]:
